@@ -1,0 +1,26 @@
+"""User-facing errors and the stage entry point that turns them into one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class RcnnError(Exception):
+    """An error caused by the user's input (params, data, files): shown as one line, no traceback."""
+
+
+class ParamError(RcnnError):
+    """An invalid value in params.yaml."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a stage or CLI main function, turning user errors into one line on stderr and exit code 2."""
+    try:
+        main()
+    except RcnnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was kept", file=sys.stderr)
+        sys.exit(130)

