@@ -9,8 +9,6 @@ exactly the ``+1`` rule, vectorised.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou as _tv_box_iou
 
 _INCLUSIVE_SHIFT = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
 
@@ -21,6 +19,10 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), dtype=np.float32)
+    # Imported here: proposal workers use this module and must not pay torch's import time.
+    import torch
+    from torchvision.ops import box_iou as _tv_box_iou
+
     iou = _tv_box_iou(torch.from_numpy(a + _INCLUSIVE_SHIFT), torch.from_numpy(b + _INCLUSIVE_SHIFT))
     return iou.numpy()
 
