@@ -1,0 +1,296 @@
+"""PASCAL VOC detection evaluation (AP at IoU 0.5) and the files detections are exchanged in.
+
+Matching follows the official VOC devkit (``VOCevaldet.m``, also py-faster-rcnn's ``voc_eval``):
+
+* only non-difficult ground truth counts towards recall (``npos``);
+* detections of a class are taken in descending score order (stable sort, so ties keep the
+  order of sorted image ids, then the order within an image);
+* each detection is compared with the ground truth of its class in its image; if the best
+  overlap (IoU with the ``+1`` convention) is >= the threshold, the detection is ignored when
+  that object is difficult, a true positive when the object is still unmatched, and a false
+  positive (duplicate) otherwise; below the threshold it is a false positive.
+
+AP is reported under both the VOC2007 11-point metric and the all-point (VOC2010+) area under
+the interpolated precision envelope. mAP averages over the classes that have at least one
+non-difficult ground-truth object; classes without any are listed separately, not counted as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rcnn.boxes import box_iou
+from rcnn.errors import RcnnError
+from rcnn.fileio import atomic_path, write_json
+from rcnn.voc import Annotation
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image: inclusive 0-based boxes, scores (descending), labels in 1..C."""
+
+    boxes: np.ndarray  # (N, 4) float32
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True)
+class ClassResult:
+    """AP of one class; ``recall``/``precision`` are the raw curve in score order."""
+
+    name: str
+    ap: float  # all-point (VOC2010+); nan when the class has no non-difficult ground truth
+    ap07: float  # VOC2007 11-point; nan likewise
+    num_gt: int  # non-difficult ground-truth objects
+    num_detections: int
+    recall: np.ndarray
+    precision: np.ndarray
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    per_class: list[ClassResult]
+    map: float
+    map07: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (classes without ground truth are listed, not scored)."""
+        scored = [c for c in self.per_class if c.num_gt > 0]
+        return {
+            "map": self.map,
+            "map07": self.map07,
+            "ap": {c.name: c.ap for c in scored},
+            "ap07": {c.name: c.ap07 for c in scored},
+            "num_gt": {c.name: c.num_gt for c in self.per_class},
+            "classes_without_ground_truth": [c.name for c in self.per_class if c.num_gt == 0],
+        }
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
+    """AP from a PR curve: VOC2007 11-point interpolation, or the all-point area (VOC2010+)."""
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    if use_07_metric:
+        thresholds = np.linspace(0.0, 1.0, 11)
+        reached = recall[None, :] >= thresholds[:, None]
+        best = np.where(reached, precision[None, :], 0.0).max(axis=1, initial=0.0)
+        return float(best.sum() / 11.0)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
+    step = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+
+
+def evaluate_detections(detections: Mapping[str, Detections], annotations: Sequence[Annotation],
+                        classes: Sequence[str], iou_threshold: float = 0.5) -> EvalResult:
+    """VOC AP of every class over the images of ``annotations`` (missing detections = none)."""
+    known = {a.image_id for a in annotations}
+    stray = sorted(set(detections) - known)
+    if stray:
+        raise RcnnError(f"detections for image {stray[0]!r} which is not in the evaluated split "
+                        f"({len(stray)} such images)")
+    labels, scores, gt_index = [], [], []
+    gt_labels, gt_difficult = [], []
+    offset = 0
+    for ann in sorted(annotations, key=lambda a: a.image_id):
+        det = detections.get(ann.image_id, Detections.empty())
+        if len(det):
+            # Best-overlapping ground truth of the detection's own class (first on ties, like max()).
+            iou = np.where(det.labels[:, None] == ann.labels[None, :], box_iou(det.boxes, ann.boxes), -1.0)
+            if iou.shape[1]:
+                best = iou.argmax(axis=1)
+                overlap = iou[np.arange(len(det)), best]
+            else:
+                best, overlap = np.zeros(len(det), np.int64), np.full(len(det), -1.0)
+            gt_index.append(np.where(overlap >= iou_threshold, offset + best, -1))
+            labels.append(det.labels)
+            scores.append(det.scores)
+        gt_labels.append(ann.labels)
+        gt_difficult.append(ann.difficult)
+        offset += len(ann.labels)
+    labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    scores_all = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    match_all = np.concatenate(gt_index) if gt_index else np.zeros(0, np.int64)
+    gt_labels_all = np.concatenate(gt_labels) if gt_labels else np.zeros(0, np.int64)
+    difficult_all = np.concatenate(gt_difficult) if gt_difficult else np.zeros(0, bool)
+
+    per_class = []
+    for c, name in enumerate(classes, start=1):
+        npos = int(np.sum((gt_labels_all == c) & ~difficult_all))
+        sel = np.flatnonzero(labels_all == c)
+        order = sel[np.argsort(-scores_all[sel], kind="stable")]
+        match = match_all[order]
+        ignored = (match >= 0) & difficult_all[np.maximum(match, 0)]
+        match = match[~ignored]  # ignored detections are neither TP nor FP (they add no PR point)
+        tp = np.zeros(len(match), dtype=bool)
+        hit = np.flatnonzero(match >= 0)
+        _, first = np.unique(match[hit], return_index=True)  # first (highest-scored) hit of each object
+        tp[hit[first]] = True
+        tp_cum = np.cumsum(tp)
+        fp_cum = np.cumsum(~tp)
+        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+        if npos:
+            recall = tp_cum / npos
+            ap, ap07 = average_precision(recall, precision), average_precision(recall, precision, True)
+        else:
+            recall, ap, ap07 = np.zeros(len(match)), math.nan, math.nan
+        per_class.append(ClassResult(name, ap, ap07, npos, int(len(sel)), recall, precision))
+    scored = [c for c in per_class if c.num_gt > 0]
+    mean = float(np.mean([c.ap for c in scored])) if scored else math.nan
+    mean07 = float(np.mean([c.ap07 for c in scored])) if scored else math.nan
+    return EvalResult(per_class, mean, mean07)
+
+
+# ---------------------------------------------------------------- VOC results files (comp4)
+
+def results_file(out_dir: str | Path, split: str, class_name: str) -> Path:
+    """Official VOC results file name of one class."""
+    return Path(out_dir) / f"comp4_det_{split}_{class_name}.txt"
+
+
+def write_voc_results(out_dir: str | Path, split: str, classes: Sequence[str],
+                      detections: Mapping[str, Detections]) -> list[Path]:
+    """Write ``comp4_det_<split>_<class>.txt`` files: ``image_id score xmin ymin xmax ymax``.
+
+    Coordinates are 1-based like VOC XML (internal 0-based + 1); numbers use 9 significant
+    digits so float32 scores and boxes read back exactly. Every class gets a file, maybe empty.
+    """
+    lines: list[list[str]] = [[] for _ in classes]
+    for image_id in sorted(detections):
+        det = detections[image_id]
+        for box, score, label in zip(det.boxes + 1.0, det.scores, det.labels):
+            lines[int(label) - 1].append(f"{image_id} {score:.9g} {box[0]:.9g} {box[1]:.9g} "
+                                         f"{box[2]:.9g} {box[3]:.9g}\n")
+    paths = []
+    for name, rows in zip(classes, lines):
+        path = results_file(out_dir, split, name)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(rows))
+        paths.append(path)
+    return paths
+
+
+def read_voc_results(results_dir: str | Path, split: str, classes: Sequence[str]) -> dict[str, Detections]:
+    """Parse VOC results files back into per-image detections (0-based boxes, sorted by score)."""
+    ids: list[str] = []
+    rows: list[list[float]] = []
+    labels: list[int] = []
+    for c, name in enumerate(classes, start=1):
+        path = results_file(results_dir, split, name)
+        if not path.is_file():
+            raise RcnnError(f"{path}: VOC results file not found")
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                if len(parts) != 6:
+                    raise ValueError(f"expected 6 fields, got {len(parts)}")
+                rows.append([float(v) for v in parts[1:]])
+            except ValueError as err:
+                raise RcnnError(f"{path}:{lineno}: not 'image_id score xmin ymin xmax ymax' ({err})") from None
+            ids.append(parts[0])
+            labels.append(c)
+    table = np.asarray(rows, dtype=np.float32).reshape(-1, 5)
+    id_array = np.asarray(ids)
+    label_array = np.asarray(labels, dtype=np.int64)
+    out = {}
+    for image_id in sorted(set(ids)):
+        idx = np.flatnonzero(id_array == image_id)
+        idx = idx[np.argsort(-table[idx, 0], kind="stable")]
+        out[image_id] = Detections(table[idx, 1:] - 1.0, table[idx, 0], label_array[idx])
+    return out
+
+
+# ---------------------------------------------------------------- detections.npz (evaluate -> render)
+
+@dataclass(frozen=True)
+class DetectionFile:
+    """Everything the render stage needs: evaluated split, class names and per-image detections."""
+
+    split: str
+    classes: list[str]
+    detections: dict[str, Detections]  # every evaluated image id, possibly with no detections
+
+
+def save_detections(path: str | Path, split: str, classes: Sequence[str],
+                    detections: Mapping[str, Detections]) -> None:
+    """One npz of flat arrays plus offsets (``image_ids[i]`` owns rows ``offsets[i]:offsets[i+1]``)."""
+    ids = sorted(detections)
+    sizes = [len(detections[i]) for i in ids]
+    dets = [detections[i] for i in ids]
+    arrays = {
+        "split": np.asarray(split),
+        "classes": np.asarray(list(classes), dtype=str),
+        "image_ids": np.asarray(ids, dtype=str).reshape(-1),
+        "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "boxes": np.concatenate([d.boxes for d in dets] + [np.zeros((0, 4), np.float32)]).astype(np.float32),
+        "scores": np.concatenate([d.scores for d in dets] + [np.zeros(0, np.float32)]).astype(np.float32),
+        "labels": np.concatenate([d.labels for d in dets] + [np.zeros(0, np.int64)]).astype(np.int64),
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def load_detections(path: str | Path) -> DetectionFile:
+    """Read a file written by :func:`save_detections`; a missing or damaged file is a user error."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            offsets = data["offsets"]
+            boxes, scores, labels = data["boxes"], data["scores"], data["labels"]
+            ids = [str(i) for i in data["image_ids"]]
+            out = {i: Detections(boxes[a:b], scores[a:b], labels[a:b])
+                   for i, a, b in zip(ids, offsets[:-1], offsets[1:])}
+            return DetectionFile(str(data["split"]), [str(c) for c in data["classes"]], out)
+    except FileNotFoundError:
+        raise RcnnError(f"{path} not found: run the evaluate stage first") from None
+    except (KeyError, ValueError, OSError) as err:
+        raise RcnnError(f"{path} is not a valid detections file ({err}); rerun the evaluate stage") from None
+
+
+# ---------------------------------------------------------------- PR curves for DVC plots
+
+def downsample_curve(recall: np.ndarray, precision: np.ndarray, max_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` evenly spaced points of a curve, always keeping the first and last."""
+    n = len(recall)
+    if n <= max_points:
+        return recall, precision
+    idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
+    return recall[idx], precision[idx]
+
+
+def write_pr_curves(out_dir: str | Path, result: EvalResult, max_points: int = 200) -> list[Path]:
+    """``<out_dir>/<class>.json``: a JSON list of ``{"recall", "precision"}`` rows per scored class."""
+    paths = []
+    for c in result.per_class:
+        if c.num_gt == 0:
+            continue
+        recall, precision = downsample_curve(c.recall, c.precision, max_points)
+        rows = [{"recall": round(float(r), 6), "precision": round(float(p), 6)}
+                for r, p in zip(recall, precision)]
+        path = Path(out_dir) / f"{c.name}.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(rows) + "\n")
+        paths.append(path)
+    return paths
+
+
+def write_metrics(path: str | Path, result: EvalResult, extra: Mapping[str, object]) -> None:
+    """``metrics/eval.json``: mAP (all-point and 11-point), per-class AP, plus run facts in ``extra``."""
+    write_json(path, {**result.to_dict(), **extra})

@@ -1,0 +1,129 @@
+"""Backbone features of every training region, computed once and cached.
+
+The tutorial recomputed its frozen backbone over every region in every epoch; with the backbone
+frozen its output never changes, so one pass here lets each training epoch take seconds.
+When the backbone is fine-tuned (``model.trainable_layers > 0``) cached features would be stale
+after the first step, so only ``info.json`` saying so is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rcnn import regions
+from rcnn.errors import RcnnError
+from rcnn.fileio import atomic_dir, write_json
+from rcnn.model import RegionClassifier, build_model, inference_autocast, inference_dtype, preprocess, \
+    select_device, use_channels_last
+from rcnn.params import Params
+
+# Per-region arrays carried over from the region shards, in region order.
+REGION_KEYS = ("labels", "boxes", "gt_boxes", "ious", "image_ids")
+
+
+def crop_features(model: RegionClassifier, crops: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N,S,S,3) uint8 RGB crops -> (N,D) float32 backbone features (eval mode, inference numerics)."""
+    model.eval()
+    out = []
+    with torch.inference_mode(), inference_autocast(device):
+        for start in range(0, len(crops), batch_size):
+            out.append(model.features(preprocess(crops[start:start + batch_size], device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.feature_dim), np.float32)
+
+
+def split_features(model: RegionClassifier, regions_dir: str | Path, split: str, device: torch.device,
+                   batch_size: int) -> dict[str, np.ndarray]:
+    """Features plus the per-region arrays of every region of ``split``, in region order."""
+    index = regions.read_index(regions_dir)
+    total = index.get("splits", {}).get(split, {}).get("regions")
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in ("features", *REGION_KEYS)}
+    with tqdm(total=total, desc=f"features {split}", unit="region") as bar:
+        for shard in regions.iter_shards(regions_dir, split):
+            parts["features"].append(crop_features(model, shard["crops"], device, batch_size))
+            for key in REGION_KEYS:
+                parts[key].append(np.asarray(shard[key]))
+            bar.update(len(shard["crops"]))
+    if not parts["features"]:
+        return {"features": np.zeros((0, model.feature_dim), np.float32), "labels": np.zeros(0, np.int64),
+                "boxes": np.zeros((0, 4), np.float32), "gt_boxes": np.zeros((0, 4), np.float32),
+                "ious": np.zeros(0, np.float32), "image_ids": np.zeros(0, dtype=str)}
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def feature_splits(params: Params) -> list[str]:
+    """The splits the train stage needs features for (train, then val; once if they are the same)."""
+    return list(dict.fromkeys([params.data.train_split, params.data.val_split]))
+
+
+def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
+                       out_dir: str | Path = "data/features") -> dict[str, Any]:
+    """Write ``<out_dir>/<split>.npz`` for the train and val splits and ``info.json``; returns the info."""
+    out_dir = Path(out_dir)
+    m = params.model
+    info: dict[str, Any] = {"backbone": m.backbone, "weights": m.weights, "trainable_layers": m.trainable_layers,
+                            "seed": params.seed}
+    if m.trainable_layers > 0:
+        info.update(cached=False, reason=f"model.trainable_layers = {m.trainable_layers}: the backbone is "
+                    "fine-tuned, so its features change during training and the train stage reads crops instead")
+        _replace_folder(out_dir, {}, info)
+        return info
+    index = regions.read_index(regions_dir)
+    device = select_device(params.train.device)
+    model = build_model(params).to(device).eval()
+    arrays, counts = {}, {}
+    start = time.perf_counter()
+    for split in feature_splits(params):
+        arrays[split] = split_features(model, regions_dir, split, device, params.train.feature_batch_size)
+        counts[split] = len(arrays[split]["labels"])
+    seconds = time.perf_counter() - start
+    total = sum(counts.values())
+    info.update(cached=True, dim=model.feature_dim, splits=counts, crop_size=index.get("crop_size"),
+                context=index.get("context"), device=str(device), threads=torch.get_num_threads(),
+                channels_last=use_channels_last(device),
+                precision=str(inference_dtype(device)).removeprefix("torch."),
+                batch_size=params.train.feature_batch_size, seconds=round(seconds, 2),
+                regions_per_second=round(total / seconds, 1) if seconds > 0 else None)
+    _replace_folder(out_dir, arrays, info)
+    return info
+
+
+def _replace_folder(out_dir: Path, arrays: dict[str, dict[str, np.ndarray]], info: dict[str, Any]) -> None:
+    """Swap in the new feature folder in one step, so a crash never leaves a half-written cache."""
+    with atomic_dir(out_dir) as tmp:
+        for split, data in arrays.items():
+            np.savez(tmp / f"{split}.npz", **data)
+        write_json(tmp / "info.json", info)
+
+
+def read_info(features_dir: str | Path) -> dict[str, Any]:
+    """``info.json`` of a features folder."""
+    path = Path(features_dir) / "info.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RcnnError(f"{path} not found: run the features stage first") from None
+    except json.JSONDecodeError as err:
+        raise RcnnError(f"{path} is not valid JSON ({err}); rerun the features stage") from None
+
+
+def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """The cached arrays of ``split`` (``features`` float32 (N,D) and the per-region arrays)."""
+    path = Path(features_dir) / f"{split}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in ("features", *REGION_KEYS)}
+    except FileNotFoundError:
+        raise RcnnError(f"{path} not found: run the features stage (with model.trainable_layers = 0)") from None
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise RcnnError(f"{path} is not a valid features file ({err}); rerun the features stage") from None
+    if arrays["features"].ndim != 2 or len(arrays["features"]) != len(arrays["labels"]):
+        raise RcnnError(f"{path} is not a valid features file (features and labels disagree); "
+                        f"rerun the features stage")
+    return arrays

@@ -1,0 +1,162 @@
+"""The DVC workflow as users run it, end to end on the synthetic dataset with tiny settings.
+
+A temporary copy of the project is made its own git repository; the test then drives it with
+the same commands the README gives: ``dvc repro``, ``dvc exp run -S``, ``dvc metrics diff``,
+``dvc params diff``, ``dvc exp show``, ``dvc plots show``, a local remote, and a stage killed
+mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rcnn.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ["download", "proposals", "regions", "features", "train", "evaluate", "render"]
+
+TINY_PARAMS = {
+    "classes": ["car", "dog", "person"],
+    "data": {"max_images": None},
+    "proposals": {"max_proposals": 150, "max_side": 192, "n_jobs": 2},
+    "regions": {"fg_iou": 0.5, "bg_iou": 0.3, "max_boxes": 24, "crop_size": 64, "add_ground_truth": True},
+    "model": {"backbone": "resnet18", "weights": "none", "hidden": 64},
+    "train": {"lr": 0.001, "epochs": 4, "patience": 2, "device": "cpu", "num_workers": 0},
+    "evaluate": {"split": "val", "max_proposals": 60},
+    "render": {"num_images": 2},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONHASHSEED"] = "0"
+    env.pop("DVC_EXP_NAME", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def _deep_update(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict):
+            _deep_update(base.setdefault(key, {}), value)
+        else:
+            base[key] = value
+
+
+def _project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in listed if f and (REPO / f).is_file() and not f.startswith(("data/", "metrics/", "dvclive/"))
+            and f != "dvc.lock"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git+DVC copy of the project configured for the synthetic dataset."""
+    root = tmp_path_factory.mktemp("project")
+    for rel in _project_files():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    dataset = generate(tmp_path_factory.mktemp("dataset") / "synthetic", images=16, seed=0)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    _deep_update(params, TINY_PARAMS)
+    params["data"]["source"] = str(dataset)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "CI"], ["git", "add", "-A"], ["git", "commit", "-qm", "start"]):
+        run(cmd, root)
+    return root
+
+
+def _ran(output: str) -> set[str]:
+    """Stages DVC actually executed (not restored from cache, not skipped)."""
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
+
+
+def test_repro_then_nothing_to_do(project: Path):
+    first = run(["dvc", "repro"], project)
+    assert _ran(first.stdout) == set(STAGES), first.stdout
+    for name in ("proposals", "regions", "train", "eval"):
+        assert json.loads((project / "metrics" / f"{name}.json").read_text())
+    assert "map" in json.loads((project / "metrics" / "eval.json").read_text())
+    assert (project / "data" / "render" / "grid.jpg").is_file()
+    second = run(["dvc", "repro"], project)
+    assert _ran(second.stdout) == set(), second.stdout
+    status = run(["dvc", "status"], project)
+    assert "up to date" in status.stdout, status.stdout
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run"], project)
+
+
+def test_experiment_reruns_only_training_and_after(project: Path):
+    before = {s: (project / "data" / s).stat().st_mtime_ns for s in ("proposals", "regions", "features")}
+    exp = run(["dvc", "exp", "run", "-S", "train.lr=0.003", "-n", "lr3"], project)
+    ran = _ran(exp.stdout)
+    assert {"train", "evaluate", "render"} <= ran, exp.stdout
+    assert not ran & {"download", "proposals", "regions", "features"}, exp.stdout
+    after = {s: (project / "data" / s).stat().st_mtime_ns for s in before}
+    assert before == after
+    params_diff = run(["dvc", "params", "diff"], project).stdout
+    assert "train.lr" in params_diff and "0.003" in params_diff
+    metrics_diff = run(["dvc", "metrics", "diff"], project).stdout
+    assert "metrics/train.json" in metrics_diff or "metrics/eval.json" in metrics_diff, metrics_diff
+    shown = run(["dvc", "exp", "show", "--no-pager", "--md"], project).stdout
+    assert "lr3" in shown and "workspace" in shown
+
+
+def test_plots_show_writes_html(project: Path):
+    out = project / "plots_html"
+    run(["dvc", "plots", "show", "-o", str(out)], project)
+    html = (out / "index.html").read_text()
+    assert "loss" in html and "precision" in html
+
+
+def test_killed_stage_is_rerun_and_completes(project: Path):
+    run(["git", "reset", "-q", "--hard"], project)
+    run(["dvc", "checkout", "--force"], project)
+    reference = json.loads((project / "metrics" / "proposals.json").read_text())
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "proposals"], cwd=project, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Kill while the stage is writing into its temporary folder.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((project / "data").glob(".proposals*.tmp")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "data" / "proposals").exists(), "a killed stage left an output that looks complete"
+    status = run(["dvc", "status", "proposals"], project).stdout
+    assert "proposals" in status and "up to date" not in status
+    run(["dvc", "repro", "proposals"], project)
+    rerun = json.loads((project / "metrics" / "proposals.json").read_text())
+    assert {k: v for k, v in rerun.items() if "second" not in k} == \
+        {k: v for k, v in reference.items() if "second" not in k}
+
+
+def test_local_remote_push_and_pull(project: Path, tmp_path: Path):
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], project)
+    run(["dvc", "push"], project)
+    assert any(remote.rglob("*"))
+    shutil.rmtree(project / ".dvc" / "cache")
+    shutil.rmtree(project / "data" / "model")
+    run(["dvc", "pull"], project)
+    assert (project / "data" / "model" / "model.pt").is_file()
+    assert "up to date" in run(["dvc", "status"], project).stdout
