@@ -168,3 +168,20 @@ def test_local_remote_push_and_pull(project: Path, tmp_path: Path):
     run(["dvc", "pull"], project)
     assert (project / "data" / "model" / "model.pt").is_file()
     assert "up to date" in run(["dvc", "status"], project).stdout
+
+
+def test_queued_sweep_runs_in_the_background(project: Path):
+    run(["git", "reset", "-q", "--hard"], project)
+    run(["dvc", "checkout", "--force"], project)
+    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.002,0.004"], project)
+    run(["dvc", "queue", "start", "--jobs", "1"], project)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    run(["dvc", "queue", "stop", "--kill"], project, check=False)
+    assert status.count("Success") == 2, status
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
+    assert "0.002" in shown and "0.004" in shown
