@@ -4,7 +4,6 @@ and nothing loaded from disk can run code."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import pickle
@@ -105,7 +104,7 @@ def load_pickle(path: str | Path) -> Any:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return _RestrictedUnpickler(io.BufferedReader(fh)).load()
+            return _RestrictedUnpickler(fh).load()
     except FileNotFoundError:
         raise RcnnError(f"{path} not found") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:

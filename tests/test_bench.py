@@ -1,0 +1,69 @@
+"""bench/run.py runs end to end on a tiny synthetic workload and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+SECTIONS = ("proposals", "regions", "training", "detection")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    # 120 s only guards against a hang; the tiny run takes 15-35 s on a busy 2-core CPU.
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=120)
+
+
+def number(cell: str) -> float | None:
+    return None if cell == "–" else float(cell.replace(",", ""))
+
+
+def test_tiny_run_writes_json_and_a_markdown_table_of_positive_figures(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("--tiny", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("workload", *SECTIONS, "done"):
+        assert f"[bench] {name}:" in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"environment", "workload", *SECTIONS, "rows"} <= set(results)
+    env = results["environment"]
+    assert env["device"] and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
+    assert {"torch", "torchvision", "cv2"} <= set(env["versions"])
+    assert results["workload"]["images"] == 4 and results["workload"]["repeats"] == 1
+    for name in SECTIONS:
+        assert {"ours", "tutorial"} <= set(results[name])
+    assert results["proposals"]["ours"]["images_per_second_1_job"] > 0
+    assert 0 < results["proposals"]["ours"]["parallel_efficiency"]
+    assert results["regions"]["ours"]["shards"] == 1
+    assert results["regions"]["tutorial"]["files"] == results["regions"]["tutorial"]["regions"] > 0
+    assert results["training"]["ours"]["head_seconds_per_epoch"] > 0
+    assert results["detection"]["tutorial"]["seconds_per_image_cnn"] > 0
+
+    rows = results["rows"]
+    assert {r["section"] for r in rows} == set(SECTIONS)
+    for row in rows:
+        assert row["ours"] > 0
+        if row["tutorial"] is not None:
+            assert row["tutorial"] > 0 and row["ratio"] == row["ours"] / row["tutorial"]
+
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    header, body = table[0], table[1:]
+    assert header.split("|")[1:6] == [" section ", " metric ", " ours ", " tutorial ", " ours / tutorial "]
+    assert len(body) == len(rows)
+    for line in body:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        ours, tutorial, ratio = (number(c) for c in cells[2:5])
+        assert ours > 0
+        assert (tutorial is None) == (ratio is None)
+        assert tutorial is None or (tutorial > 0 and ratio > 0)
+
+
+def test_a_folder_that_is_not_a_voc_set_is_a_one_line_error(tmp_path):
+    proc = run_bench(str(tmp_path), "--tiny", "--out", str(tmp_path / "results"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "no VOC-format folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
