@@ -8,7 +8,6 @@ after the first step, so only ``info.json`` saying so is written.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from rcnn import regions
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir, write_json
+from rcnn.fileio import atomic_dir, read_json, write_json
 from rcnn.model import RegionClassifier, build_model, inference_autocast, inference_dtype, preprocess, \
     select_device, use_channels_last
 from rcnn.params import Params
@@ -104,13 +103,7 @@ def _replace_folder(out_dir: Path, arrays: dict[str, dict[str, np.ndarray]], inf
 
 def read_info(features_dir: str | Path) -> dict[str, Any]:
     """``info.json`` of a features folder."""
-    path = Path(features_dir) / "info.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RcnnError(f"{path} not found: run the features stage first") from None
-    except json.JSONDecodeError as err:
-        raise RcnnError(f"{path} is not valid JSON ({err}); rerun the features stage") from None
+    return read_json(Path(features_dir) / "info.json", "features")
 
 
 def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]:

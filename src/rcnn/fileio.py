@@ -69,6 +69,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json(path: str | Path, stage: str) -> Any:
+    """Read a JSON file another stage wrote; a missing or broken one says which stage to (re)run."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RcnnError(f"{path} not found: run the {stage} stage first") from None
+    except json.JSONDecodeError as err:
+        raise RcnnError(f"{path} is not valid JSON ({err}); rerun the {stage} stage") from None
+
+
 def write_pickle(path: str | Path, obj: Any) -> None:
     """Pickle ``obj`` atomically; only numpy arrays and plain containers will load back (see load_pickle)."""
     write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))

@@ -14,7 +14,6 @@ and :func:`iter_shards`.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 import zlib
@@ -31,7 +30,7 @@ from rcnn import voc
 from rcnn.boxes import box_iou
 from rcnn.crops import warp_crops
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir, load_pickle, write_json, write_pickle
+from rcnn.fileio import atomic_dir, load_pickle, read_json, write_json, write_pickle
 from rcnn.params import Params, RegionParams
 from rcnn.proposals import load_proposals, proposal_file
 
@@ -186,13 +185,7 @@ def _split(regions: dict, n: int) -> tuple[dict, dict]:
 
 def read_index(regions_dir: str | Path) -> dict:
     """``index.json`` of a regions folder: crop_size, context, classes, encoding, splits -> shards and counts."""
-    path = Path(regions_dir) / "index.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RcnnError(f"{path} not found: run the regions stage first") from None
-    except json.JSONDecodeError as err:
-        raise RcnnError(f"{path} is not valid JSON ({err}); rerun the regions stage") from None
+    return read_json(Path(regions_dir) / "index.json", "regions")
 
 
 def iter_shards(regions_dir: str | Path, split: str) -> Iterator[dict]:
