@@ -194,6 +194,13 @@ def test_box_regressor_in_checkpoint_moves_boxes(tmp_path, synthetic_voc):
     proposal = np.array([[20, 20, 69, 59]], np.float32)
     found = detector.detect(image, proposal)
     np.testing.assert_allclose(found.boxes, np.repeat([[25, 20, 74, 59]], len(found), axis=0), atol=1e-4)
+    # Turned off (no regressor in the checkpoint): the plain detector, same scores, proposal boxes.
+    plain_path = tmp_path / "plain.pt"
+    save_checkpoint(plain_path, model, {"classes": CLASSES, "crop_size": 32, "context": 0, "params": {},
+                                        "bbox_regressor": None})
+    plain = Detector.from_checkpoint(plain_path, "cpu", score_threshold=0.0, max_detections=5).detect(image, proposal)
+    np.testing.assert_allclose(plain.boxes, np.repeat(proposal, len(plain), axis=0))
+    np.testing.assert_allclose(plain.scores, found.scores, rtol=1e-6)
 
 
 def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
