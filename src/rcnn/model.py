@@ -62,15 +62,24 @@ def _trunk(name: str) -> tuple[nn.Module, int]:
     return net, dim
 
 
-def _read_weights_file(path: Path, backbone: str) -> dict[str, torch.Tensor]:
+def _safe_load(path: Path, missing: str, unreadable: str) -> Any:
+    """``torch.load(weights_only=True)``; a missing or unreadable file becomes one RcnnError line.
+
+    ``unreadable`` may contain ``{reason}``, filled with the first line of the loader's error.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise RcnnError(f"model.weights file {path} not found (backbone {backbone})") from None
+        raise RcnnError(missing) from None
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RcnnError(f"model.weights file {path} is not a readable torch state dict for backbone "
-                        f"{backbone} ({reason})") from None
+        raise RcnnError(unreadable.format(reason=reason)) from None
+
+
+def _read_weights_file(path: Path, backbone: str) -> dict[str, torch.Tensor]:
+    state = _safe_load(path, f"model.weights file {path} not found (backbone {backbone})",
+                       f"model.weights file {path} is not a readable torch state dict for backbone "
+                       f"{backbone} ({{reason}})")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RcnnError(f"model.weights file {path} does not hold a state dict of tensors (backbone {backbone})")
     return state
@@ -288,14 +297,8 @@ def save_checkpoint(path: str | Path, model: RegionClassifier, meta: dict[str, A
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[RegionClassifier, dict]:
     """Rebuild the model saved by :func:`save_checkpoint` (in eval mode, on ``device``) and its meta."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RcnnError(f"checkpoint {path} not found: run the train stage first") from None
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RcnnError(f"checkpoint {path} is corrupt or not a checkpoint ({reason}); rerun the train stage") \
-            from None
+    payload = _safe_load(path, f"checkpoint {path} not found: run the train stage first",
+                         f"checkpoint {path} is corrupt or not a checkpoint ({{reason}}); rerun the train stage")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "meta" not in payload:
         raise RcnnError(f"checkpoint {path} is not an rcnn checkpoint of format {CHECKPOINT_FORMAT}; "
                         f"rerun the train stage")
