@@ -73,7 +73,7 @@ def _safe_load(path: Path, missing: str, unreadable: str) -> Any:
         raise RcnnError(missing) from None
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RcnnError(unreadable.format(reason=reason)) from None
+        raise RcnnError(unreadable.replace("{reason}", reason)) from None
 
 
 def _read_weights_file(path: Path, backbone: str) -> dict[str, torch.Tensor]:
