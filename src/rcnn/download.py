@@ -141,7 +141,8 @@ def download_archive(name: str, mirrors: Sequence[str], cache_dir: Path, retries
             part.unlink(missing_ok=True)
             failures.append(f"{url}: MD5 mismatch (got {got}, expected {md5}); bad file deleted")
             break
-    raise RcnnError(f"could not download {name}: " + "; ".join(failures))
+    raise RcnnError(f"could not download {name}: " + "; ".join(failures)
+                    + " (offline? set data.source to a local VOC-format folder or archive)")
 
 
 def _check_member_name(archive: Path, name: str) -> None:
