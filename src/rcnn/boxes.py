@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-_INCLUSIVE_SHIFT = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+# Added to inclusive corners, gives the exclusive corners torchvision's IoU and NMS assume.
+INCLUSIVE_SHIFT = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -23,7 +24,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     import torch
     from torchvision.ops import box_iou as _tv_box_iou
 
-    iou = _tv_box_iou(torch.from_numpy(a + _INCLUSIVE_SHIFT), torch.from_numpy(b + _INCLUSIVE_SHIFT))
+    iou = _tv_box_iou(torch.from_numpy(a + INCLUSIVE_SHIFT), torch.from_numpy(b + INCLUSIVE_SHIFT))
     return iou.numpy()
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.bbox_regression import refine_boxes
-from rcnn.boxes import clip_boxes
+from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
 from rcnn.crops import warp_crops
 from rcnn.drawing import draw_detections, write_image
 from rcnn.errors import RcnnError, run_cli
@@ -39,8 +39,6 @@ from rcnn.features import crop_features
 from rcnn.model import load_checkpoint, select_device
 from rcnn.params import Params
 from rcnn.proposals import load_proposals, proposal_file, selective_search
-
-_INCLUSIVE_SHIFT = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
 
 
 def postprocess_detections(boxes: np.ndarray, probs: np.ndarray, score_threshold: float = 0.05,
@@ -60,7 +58,7 @@ def postprocess_detections(boxes: np.ndarray, probs: np.ndarray, score_threshold
         return Detections.empty()
     cand_boxes = boxes[idx_box] if boxes.ndim == 2 else boxes[idx_box, idx_cls + 1]
     cand_scores = scores[idx_box, idx_cls]
-    keep = batched_nms(torch.from_numpy(cand_boxes + _INCLUSIVE_SHIFT), torch.from_numpy(cand_scores),
+    keep = batched_nms(torch.from_numpy(cand_boxes + INCLUSIVE_SHIFT), torch.from_numpy(cand_scores),
                        torch.from_numpy(idx_cls), nms_iou).numpy()
     keep = keep[np.lexsort((keep, -cand_scores[keep]))][:max_detections]  # deterministic tie order
     return Detections(cand_boxes[keep], cand_scores[keep], (idx_cls[keep] + 1).astype(np.int64))
