@@ -1,14 +1,14 @@
-"""Stage train: train the region classifier (head on cached features, or end to end) with early stopping."""
-from rcnn import training
+"""Stage train: train the detector chosen by model.arch, with early stopping on the validation split."""
+from rcnn import detectors
 from rcnn.errors import run_cli
 from rcnn.params import load_params
 
 
 def main() -> None:
     params = load_params()
-    training.run_train_stage(params, features_dir="data/features", regions_dir="data/regions",
-                             model_path="data/model/model.pt", metrics_path="metrics/train.json",
-                             live_dir="dvclive")
+    detectors.run_train_stage(params, features_dir="data/features", regions_dir="data/regions",
+                              model_path="data/model/model.pt", metrics_path="metrics/train.json",
+                              live_dir="dvclive", voc_dir="data/voc")
 
 
 if __name__ == "__main__":

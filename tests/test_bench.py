@@ -67,3 +67,26 @@ def test_a_folder_that_is_not_a_voc_set_is_a_one_line_error(tmp_path):
     assert proc.stderr.startswith("error: ") and "no VOC-format folder" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+FAMILIES = Path(__file__).resolve().parents[1] / "bench" / "families.py"
+
+
+def test_families_bench_compares_fast_rcnn_with_the_faster_rcnn_peer(tmp_path, synthetic_voc):
+    out = tmp_path / "families"
+    tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "model.roi_channels=8",
+            "model.roi_size=3", "model.hidden=16", "train.epochs=1", "proposals.max_proposals=100",
+            "evaluate.max_proposals=100"]
+    proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",
+                           "--backbone", "resnet18", "--weights", "none", "--split", "val", "--presets", "fast-rcnn",
+                           "--set", *tiny, "--peer-epochs", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert list(rows) == ["fast-rcnn", "faster_rcnn"]
+    for row in rows.values():
+        assert 0 <= row["map07"] <= 1 and row["train_seconds"] > 0 and row["detect_s_per_image"] > 0
+    assert rows["fast-rcnn"]["search_s_per_image"] > 0 and rows["faster_rcnn"]["search_s_per_image"] == 0
+    assert rows["fast-rcnn"]["pipeline_seconds"] >= rows["fast-rcnn"]["train_seconds"]
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and table[0].startswith("| detector | AP07 | AP |")

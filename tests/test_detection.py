@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rcnn import voc
-from rcnn.detection import Detector, main, postprocess_detections, run_evaluate_stage
+from rcnn.detection import main, postprocess_detections, run_evaluate_stage
+from rcnn.detectors import load_detector
 from rcnn.errors import RcnnError
 from rcnn.evaluation import load_detections, read_voc_results
 from rcnn.model import RegionClassifier, save_checkpoint
@@ -91,7 +92,7 @@ def _proposals(ann, rng, n=40):
 
 
 def test_detector_outputs_are_well_formed(tiny_checkpoint, synthetic_voc):
-    detector = Detector.from_checkpoint(tiny_checkpoint, "cpu", score_threshold=0.05, max_detections=20)
+    detector = load_detector(tiny_checkpoint, "cpu", score_threshold=0.05, max_detections=20)
     assert detector.classes == CLASSES
     ids = voc.read_split(synthetic_voc, "val")[:3]
     anns = [voc.parse_annotation(voc.annotation_path(synthetic_voc, i), CLASSES) for i in ids]
@@ -189,7 +190,7 @@ def test_box_regressor_in_checkpoint_moves_boxes(tmp_path, synthetic_voc):
     path = tmp_path / "model.pt"
     save_checkpoint(path, model, {"classes": CLASSES, "crop_size": 32, "context": 0, "params": {},
                                   "bbox_regressor": regressor})
-    detector = Detector.from_checkpoint(path, "cpu", score_threshold=0.0, max_detections=5)
+    detector = load_detector(path, "cpu", score_threshold=0.0, max_detections=5)
     image = voc.read_image(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "val")[0]))
     proposal = np.array([[20, 20, 69, 59]], np.float32)
     found = detector.detect(image, proposal)
@@ -198,7 +199,7 @@ def test_box_regressor_in_checkpoint_moves_boxes(tmp_path, synthetic_voc):
     plain_path = tmp_path / "plain.pt"
     save_checkpoint(plain_path, model, {"classes": CLASSES, "crop_size": 32, "context": 0, "params": {},
                                         "bbox_regressor": None})
-    plain = Detector.from_checkpoint(plain_path, "cpu", score_threshold=0.0, max_detections=5).detect(image, proposal)
+    plain = load_detector(plain_path, "cpu", score_threshold=0.0, max_detections=5).detect(image, proposal)
     np.testing.assert_allclose(plain.boxes, np.repeat(proposal, len(plain), axis=0))
     np.testing.assert_allclose(plain.scores, found.scores, rtol=1e-6)
 

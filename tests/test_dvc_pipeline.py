@@ -185,3 +185,31 @@ def test_queued_sweep_runs_in_the_background(project: Path):
     assert status.count("Success") == 2, status
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
     assert "0.002" in shown and "0.004" in shown
+
+
+FAST_RCNN_OPTIONS = ["-S", "model.arch=fast_rcnn", "-S", "model.trainable_layers=1", "-S", "model.image_size=128",
+                     "-S", "model.max_size=192", "-S", "model.roi_channels=16", "-S", "model.roi_size=5",
+                     "-S", "model.dropout=0.0", "-S", "train.rois_per_image=64"]
+
+
+def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
+    run(["git", "reset", "-q", "--hard"], project)
+    run(["dvc", "checkout", "--force"], project)
+    exp = run(["dvc", "exp", "run", "-n", "fast", *FAST_RCNN_OPTIONS], project)
+    ran = _ran(exp.stdout)
+    assert ran == {"regions", "features", "train", "evaluate", "render"}, exp.stdout
+    assert json.loads((project / "metrics" / "regions.json").read_text())["format"] == "boxes"
+    features = sorted(p.name for p in (project / "data" / "features").iterdir())
+    assert features == ["info.json"]  # nothing cached, nothing stale
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert train["train_images"] > 0 and "val_map" in train
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert evaluation["map"] > 0.1, evaluation  # above chance: see test_fast_rcnn for the untrained score
+    assert (project / "data" / "render" / "grid.jpg").is_file()
+    # A Fast R-CNN-only knob reruns training and what follows, nothing before it.
+    again = run(["dvc", "exp", "run", "-n", "fast-lr", *FAST_RCNN_OPTIONS, "-S", "train.lr=0.0005"], project)
+    assert _ran(again.stdout) == {"train", "evaluate", "render"}, again.stdout
+    source = Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
+    detect = run(["rcnn-detect", str(sorted((source / "JPEGImages").glob("*.jpg"))[0]),
+                  "--checkpoint", "data/model/model.pt", "--score", "0.0", "--max-proposals", "50"], project)
+    assert detect.stdout.strip(), detect.stderr

@@ -1,5 +1,8 @@
 """R-CNN detection: proposals -> warped crops -> CNN class scores -> per-class NMS.
 
+The evaluate stage and ``rcnn-detect`` work with a checkpoint of any detector family
+(:mod:`rcnn.detectors` picks the detector the checkpoint names); :class:`Detector` is R-CNN's.
+
 Post-processing is vectorised: every (proposal, object class) pair scoring at least
 ``score_threshold`` is a candidate (a low threshold such as 0.05 keeps the recall mAP needs;
 the tutorial's 0.5 before NMS threw it away), one ``torchvision.ops.batched_nms`` call runs
@@ -36,7 +39,7 @@ from rcnn.evaluation import (Detections, evaluate_detections, save_detections, w
                              write_voc_results)
 from rcnn.fileio import atomic_dir, write_json
 from rcnn.features import crop_features
-from rcnn.model import load_checkpoint, select_device
+from rcnn.model import load_checkpoint
 from rcnn.params import Params
 from rcnn.proposals import load_proposals, proposal_file, selective_search
 
@@ -91,10 +94,10 @@ class Detector:
     timings: Timings = field(default_factory=Timings)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", **settings: float) -> "Detector":
-        dev = select_device(device)
-        model, meta = load_checkpoint(path, dev)
-        return cls(model, meta, dev, **settings)
+    def from_payload(cls, payload: dict, path: str | Path, device: torch.device, **settings: float) -> "Detector":
+        """The detector of an R-CNN checkpoint payload (see :func:`rcnn.detectors.load_detector`)."""
+        model, meta = load_checkpoint(path, device, payload)
+        return cls(model, meta, device, **settings)
 
     @property
     def classes(self) -> list[str]:
@@ -173,11 +176,13 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
                        detections_dir: str | Path = "data/detections",
                        metrics_path: str | Path = "metrics/eval.json", pr_dir: str | Path = "metrics/pr") -> dict:
     """Detect on every image of ``evaluate.split`` and write detections, VOC AP metrics and PR curves."""
+    from rcnn.detectors import load_detector  # the factory imports this module's Detector lazily
+
     e = params.evaluate
     mode = params.proposals.eval_mode
     root = voc.find_voc_root(voc_dir)
-    detector = Detector.from_checkpoint(model_path, "auto", score_threshold=e.score_threshold, nms_iou=e.nms_iou,
-                                        max_detections=e.max_detections, batch_size=e.batch_size)
+    detector = load_detector(model_path, "auto", score_threshold=e.score_threshold, nms_iou=e.nms_iou,
+                             max_detections=e.max_detections, batch_size=e.batch_size)
     classes = detector.classes
     annotations, skipped_objects = _load_annotations(root, e.split, classes)
     if skipped_objects:
@@ -249,13 +254,15 @@ def detect_image(image_bgr: np.ndarray, detector: Detector, mode: str = "fast", 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``rcnn-detect`` entry point; user errors print one line and exit with code 2."""
+    from rcnn.detectors import load_detector  # the factory imports this module's Detector lazily
+
     def run() -> None:
         args = _parse_args(argv)
         if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or args.max_proposals < 1 or args.max_detections < 1:
             raise RcnnError("--score must be in [0, 1), --nms in (0, 1], --max-proposals and --max-detections >= 1")
         image = voc.read_image(args.image)
-        detector = Detector.from_checkpoint(args.checkpoint, args.device, score_threshold=args.score,
-                                            nms_iou=args.nms, max_detections=args.max_detections)
+        detector = load_detector(args.checkpoint, args.device, score_threshold=args.score, nms_iou=args.nms,
+                                 max_detections=args.max_detections)
         found = detect_image(image, detector, args.mode, args.max_proposals, args.max_side)
         for box, score, label in zip(found.boxes + 1.0, found.scores, found.labels):
             print(f"{detector.classes[label - 1]} {score:.4f} " + " ".join(f"{v:.1f}" for v in box))

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from rcnn import regions
+from rcnn.detectors import family
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, read_json, write_json
 from rcnn.model import RegionClassifier, build_model, inference_autocast, inference_dtype, preprocess, \
@@ -68,6 +69,11 @@ def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
     m = params.model
     info: dict[str, Any] = {"backbone": m.backbone, "weights": m.weights, "trainable_layers": m.trainable_layers,
                             "seed": params.seed}
+    if not family(m.arch).caches_features:
+        info.update(arch=m.arch, cached=False, reason=f"model.arch = {m.arch}: the detector computes its features "
+                    "from whole images while it trains, so there is nothing to cache")
+        _replace_folder(out_dir, {}, info)
+        return info
     if m.trainable_layers > 0:
         info.update(cached=False, reason=f"model.trainable_layers = {m.trainable_layers}: the backbone is "
                     "fine-tuned, so its features change during training and the train stage reads crops instead")

@@ -8,6 +8,7 @@ BatchNorm running statistics never drift.
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ import torchvision
 from torch import nn
 
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_path
+from rcnn.fileio import write_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -259,8 +260,42 @@ def preprocess(crops: np.ndarray | torch.Tensor, device: torch.device | str) -> 
     return x.contiguous(memory_format=memory_format)
 
 
+def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, with the same bytes for the same payload.
+
+    ``torch.save`` names the zip's inner folder after the file it writes to; saving to memory
+    first keeps a temporary file's random name out of the bytes DVC hashes.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a checkpoint written by :func:`write_checkpoint` (``weights_only`` loading)."""
+    path = Path(path)
+    payload = _safe_load(path, f"checkpoint {path} not found: run the train stage first",
+                         f"checkpoint {path} is corrupt or not a checkpoint ({{reason}}); rerun the train stage")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or \
+            not isinstance(payload.get("meta"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise RcnnError(f"checkpoint {path} is not an rcnn checkpoint of format {CHECKPOINT_FORMAT}; "
+                        f"rerun the train stage")
+    return payload
+
+
+def checkpoint_arch(payload: dict[str, Any]) -> str:
+    """The detector family a checkpoint holds (checkpoints without the key predate Fast R-CNN: R-CNN)."""
+    return str(payload["meta"].get("arch", "rcnn"))
+
+
+def state_payload(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint payload: format, meta and the model's CPU state dict."""
+    return {"format": CHECKPOINT_FORMAT, "meta": meta,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+
+
 def save_checkpoint(path: str | Path, model: RegionClassifier, meta: dict[str, Any]) -> None:
-    """Write a self-describing checkpoint atomically: full state dict + how to rebuild the model.
+    """Write a self-describing R-CNN checkpoint: full state dict + how to rebuild the model.
 
     ``meta`` needs ``classes``, ``crop_size``, ``context``, ``params`` and may carry ``weights``
     and ``bbox_regressor`` (None or a dict of tensors); only tensors and plain containers are
@@ -269,39 +304,32 @@ def save_checkpoint(path: str | Path, model: RegionClassifier, meta: dict[str, A
     for key in ("classes", "crop_size", "context", "params"):
         if key not in meta:
             raise ValueError(f"checkpoint meta needs {key!r}")
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "meta": {
-            "classes": list(meta["classes"]),
-            "backbone": model.backbone_name,
-            "weights": meta.get("weights"),
-            "feature_dim": model.feature_dim,
-            "hidden": model.head[1].out_features,
-            "dropout": model.head[0].p,
-            "trainable_layers": model.trainable_layers,
-            "crop_size": int(meta["crop_size"]),
-            "context": int(meta["context"]),
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "params": meta["params"],
-            "bbox_regressor": meta.get("bbox_regressor"),
-            **{k: v for k, v in meta.items() if k not in ("classes", "crop_size", "context", "params",
-                                                         "weights", "bbox_regressor")},
-        },
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    full_meta = {
+        "arch": "rcnn",
+        "classes": list(meta["classes"]),
+        "backbone": model.backbone_name,
+        "weights": meta.get("weights"),
+        "feature_dim": model.feature_dim,
+        "hidden": model.head[1].out_features,
+        "dropout": model.head[0].p,
+        "trainable_layers": model.trainable_layers,
+        "crop_size": int(meta["crop_size"]),
+        "context": int(meta["context"]),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "params": meta["params"],
+        "bbox_regressor": meta.get("bbox_regressor"),
+        **{k: v for k, v in meta.items() if k not in ("classes", "crop_size", "context", "params",
+                                                     "weights", "bbox_regressor")},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_checkpoint(path, state_payload(model, full_meta))
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[RegionClassifier, dict]:
-    """Rebuild the model saved by :func:`save_checkpoint` (in eval mode, on ``device``) and its meta."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                    payload: dict[str, Any] | None = None) -> tuple[RegionClassifier, dict]:
+    """Rebuild the R-CNN model saved by :func:`save_checkpoint` (in eval mode, on ``device``) and its meta."""
     path = Path(path)
-    payload = _safe_load(path, f"checkpoint {path} not found: run the train stage first",
-                         f"checkpoint {path} is corrupt or not a checkpoint ({{reason}}); rerun the train stage")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "meta" not in payload:
-        raise RcnnError(f"checkpoint {path} is not an rcnn checkpoint of format {CHECKPOINT_FORMAT}; "
-                        f"rerun the train stage")
+    payload = read_checkpoint(path) if payload is None else payload
     meta = payload["meta"]
     try:
         model = RegionClassifier(meta["backbone"], len(meta["classes"]), weights="none", hidden=meta["hidden"],
@@ -312,4 +340,3 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise RcnnError(f"checkpoint {path} does not match its own description ({reason}); "
                         f"rerun the train stage") from None
     return model.to(device).eval(), meta
-

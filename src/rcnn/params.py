@@ -34,6 +34,7 @@ VOC_MIRRORS: tuple[str, ...] = (
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
 SPLITS = ("train", "val", "trainval", "test")
+ARCHES = ("rcnn", "fast_rcnn")
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -81,13 +82,18 @@ class RegionParams:
 
 @dataclass(frozen=True)
 class ModelParams:
+    arch: Literal["rcnn", "fast_rcnn"] = "rcnn"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
                       "mobilenet_v3_large"] = "resnet50"
     weights: str = "imagenet"
-    trainable_layers: int = field(default=0, metadata=_range(0, 5))
+    trainable_layers: int = field(default=0, metadata=_range(0, 64))
     dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
     hidden: int = field(default=512, metadata=_range(1))
     bbox_regression: bool = False
+    image_size: int = field(default=480, metadata=_range(32, 2000))
+    max_size: int = field(default=800, metadata=_range(32, 4000))
+    roi_channels: int = field(default=128, metadata=_range(0, 4096))
+    roi_size: int = field(default=7, metadata=_range(1, 32))
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,14 @@ class TrainParams:
     num_workers: int = field(default=2, metadata=_range(0, 64))
     bbox_iou: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))
     bbox_lambda: float = field(default=1000.0, metadata=_range(0))
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_epochs: int = field(default=0, metadata=_range(0))
+    images_per_batch: int = field(default=2, metadata=_range(1, 64))
+    rois_per_image: int = field(default=128, metadata=_range(1, 4096))
+    fg_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
+    image_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -264,6 +278,16 @@ def _check_consistency(p: Params) -> None:
     if p.regions.bg_iou > p.regions.fg_iou:
         raise ParamError(f"regions.bg_iou = {p.regions.bg_iou!r} is invalid: must be <= regions.fg_iou "
                          f"({p.regions.fg_iou!r})")
+    if p.model.max_size < p.model.image_size:
+        raise ParamError(f"model.max_size = {p.model.max_size!r} is invalid: must be >= model.image_size "
+                         f"({p.model.image_size!r})")
+    for size in p.train.image_sizes:
+        if not 32 <= size <= p.model.max_size:
+            raise ParamError(f"train.image_sizes = {p.train.image_sizes!r} is invalid: each size must be in "
+                             f"[32, model.max_size = {p.model.max_size}]")
+    if p.train.warmup_epochs >= p.train.epochs:
+        raise ParamError(f"train.warmup_epochs = {p.train.warmup_epochs!r} is invalid: must be < train.epochs "
+                         f"({p.train.epochs!r})")
     if p.proposals.n_jobs == 0:
         raise ParamError("proposals.n_jobs = 0 is invalid: expected a positive count or -1 for all cores")
     if p.data.source == "download" and not p.data.mirrors:
@@ -279,9 +303,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamError(f"{path} not found: run from the project root or pass the params file") from None
     except yaml.YAMLError as err:
         raise ParamError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return from_dict(raw)
+
+
+def from_dict(raw: Any) -> Params:
+    """Validate a params mapping (as read from params.yaml); missing keys take their defaults."""
     params = _build(Params, raw, "")
     _check_consistency(params)
     return params
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b = value`` in a nested params mapping, as ``dvc exp run -S a.b=value`` does."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
 
 
 def to_dict(params: Any) -> dict[str, Any]:

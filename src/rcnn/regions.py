@@ -183,9 +183,16 @@ def _split(regions: dict, n: int) -> tuple[dict, dict]:
     return head, tail
 
 
-def read_index(regions_dir: str | Path) -> dict:
-    """``index.json`` of a regions folder: crop_size, context, classes, encoding, splits -> shards and counts."""
-    return read_json(Path(regions_dir) / "index.json", "regions")
+def read_index(regions_dir: str | Path, region_format: str = "crops") -> dict:
+    """``index.json`` of a regions folder holding ``region_format`` regions ("crops": crop_size, context,
+    classes, encoding, splits -> shards and counts; "boxes": see :mod:`rcnn.region_boxes`)."""
+    path = Path(regions_dir) / "index.json"
+    index = read_json(path, "regions")
+    found = index.get("format", "crops") if isinstance(index, dict) else None
+    if found != region_format:
+        raise RcnnError(f"{path} describes regions of format {found!r}, not {region_format!r}: the regions "
+                        f"stage ran for another model.arch; rerun it (dvc repro)")
+    return index
 
 
 def iter_shards(regions_dir: str | Path, split: str) -> Iterator[dict]:
@@ -261,7 +268,7 @@ def run_regions_stage(params: Params, voc_dir: str | Path = "data/voc", proposal
     out_dir = Path(out_dir)
     splits = list(dict.fromkeys([params.data.train_split, params.data.val_split]))
     r = params.regions
-    index = {"crop_size": r.crop_size, "context": r.context, "classes": list(params.classes),
+    index = {"format": "crops", "crop_size": r.crop_size, "context": r.context, "classes": list(params.classes),
              "encoding": f"jpeg{JPEG_QUALITY}-444", "proposals_mode": params.proposals.mode, "seed": params.seed,
              "splits": {}}
     seconds = 0.0

@@ -5,7 +5,7 @@ features stage cached, so an epoch over tens of thousands of regions takes secon
 last ``trainable_layers`` backbone units are fine-tuned end to end on the region crops (random
 horizontal flips), with the frozen units' BatchNorm kept in eval mode.
 
-Class-weighted cross-entropy (background vs objects), Adam, early stopping on the validation
+Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
 loss with the best state kept; seeded model init, shuffling, dropout and flips, so the same
 params give the same metrics. Per-epoch curves go to dvclive, the best epoch's numbers to
 ``metrics/train.json`` and the best model to ``data/model/model.pt``.
@@ -32,6 +32,7 @@ from rcnn import regions
 from rcnn.bbox_regression import fit_box_regressor
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
+from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.model import RegionClassifier, build_model, preprocess, save_checkpoint, select_device
 from rcnn.params import Params, to_dict
 
@@ -77,6 +78,11 @@ class TrainData:
     logits: Callable[[RegionClassifier, torch.Tensor], torch.Tensor]
     train_size: int
     val_size: int
+    batch_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.train_size // self.batch_size)
 
 
 def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.device,
@@ -84,8 +90,8 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
     """Train with early stopping; ``model`` ends holding the best epoch's state. Returns a summary."""
     t = params.train
     weights = class_weights(params).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(model.parameters(), t)
+    scheduler = build_scheduler(optimizer, data.steps_per_epoch, t)
     best: dict[str, Any] = {"best_epoch": 0, "val_loss": float("inf")}
     best_state: dict[str, torch.Tensor] = {}
     learned = model.head if model.frozen else model  # the part whose best state must be kept
@@ -101,6 +107,7 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             train_meter.add(logits.detach(), y, weights)
         model.eval()
         val_meter = _Meter()
@@ -153,7 +160,7 @@ def cached_feature_data(train: dict[str, np.ndarray], val: dict[str, np.ndarray]
             yield x_val[s:s + 4096], y_val[s:s + 4096]
 
     return TrainData(train_batches, val_batches, lambda model, x: model.classify_features(x),
-                     len(y_train), len(y_val))
+                     len(y_train), len(y_val), batch_size)
 
 
 class CropDataset(Dataset):
@@ -220,7 +227,8 @@ def crop_data(train_path: Path, train_labels: np.ndarray, val_path: Path, val_la
     def logits(model: RegionClassifier, crops: torch.Tensor) -> torch.Tensor:
         return model(preprocess(crops, device))
 
-    return TrainData(train_batches, lambda: iter(val_loader), logits, len(train_labels), len(val_labels))
+    return TrainData(train_batches, lambda: iter(val_loader), logits, len(train_labels), len(val_labels),
+                     t.batch_size)
 
 
 def _check_features_info(info: dict[str, Any], params: Params, features_dir: Path) -> None:
@@ -237,8 +245,13 @@ def _check_features_info(info: dict[str, Any], params: Params, features_dir: Pat
 
 def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                     regions_dir: str | Path = "data/regions", model_path: str | Path = "data/model/model.pt",
-                    metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive") -> dict:
-    """Train, write the best checkpoint and ``metrics/train.json``; returns the metrics."""
+                    metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive",
+                    voc_dir: str | Path | None = None) -> dict:
+    """Train, write the best checkpoint and ``metrics/train.json``; returns the metrics.
+
+    ``voc_dir`` is accepted for the common train-stage signature and not read: the region crops
+    already hold every pixel R-CNN trains on.
+    """
     features_dir = Path(features_dir)
     index = regions.read_index(regions_dir)
     device = select_device(params.train.device)

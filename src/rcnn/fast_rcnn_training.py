@@ -1,0 +1,239 @@
+"""Training Fast R-CNN end to end on the labelled proposals of the regions stage.
+
+Every step takes ``train.images_per_batch`` images (flipped at random), and ``RoIHeads`` draws
+a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its labelled proposals plus
+the ground truth, ``train.fg_fraction`` of them foreground: each epoch sees a new sample.
+Optimiser and schedule come from :mod:`rcnn.optim` (SGD with warm-up and decay is the Fast R-CNN
+recipe). After each epoch the model is scored on the validation split twice: the multi-task
+loss on a fixed RoI sample, and detection AP over every stored proposal, the number that
+matters; the best epoch by validation AP (then loss) is kept, with early stopping after
+``train.patience`` epochs without improvement. Curves go to dvclive as for R-CNN.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from dvclive import Live
+from tqdm import tqdm
+
+from rcnn import voc
+from rcnn.errors import RcnnError
+from rcnn.evaluation import evaluate_detections
+from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, build_fast_rcnn, image_tensor, save_fast_rcnn, to_continuous
+from rcnn.fileio import write_json
+from rcnn.model import inference_autocast, select_device
+from rcnn.optim import build_optimizer, build_scheduler
+from rcnn.params import Params
+from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
+from rcnn.regions import read_index
+
+VAL_SAMPLE_SEED = 12345  # the validation loss uses the same RoI sample every epoch
+VAL_SCORE_THRESHOLD, VAL_NMS_IOU, VAL_MAX_DETECTIONS = 0.05, 0.3, 100
+
+
+@dataclass
+class Example:
+    """One training image in memory-light form: the image is read when its batch comes."""
+
+    path: Path
+    boxes: ImageBoxes
+    proposals: np.ndarray  # labelled (not ignored) proposals, inclusive corners
+    gt_index: np.ndarray  # objects to learn (difficult ones excluded unless asked)
+
+
+def _examples(root: Path, items: Sequence[ImageBoxes], difficult_as_foreground: bool) -> list[Example]:
+    out = []
+    for item in items:
+        proposals, gt_index = item.training_targets(difficult_as_foreground)
+        out.append(Example(voc.image_path(root, item.image_id), item, proposals, gt_index))
+    return out
+
+
+def _load(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Image tensor, proposals and targets (continuous corners), flipped if asked; None if unreadable."""
+    try:
+        image = image_tensor(voc.read_image(example.path))
+    except RcnnError as err:
+        warnings.warn(f"skipping unreadable training image: {err}", RuntimeWarning, stacklevel=2)
+        return None
+    proposals = to_continuous(example.proposals)
+    gt = to_continuous(example.boxes.gt_boxes[example.gt_index])
+    labels = torch.from_numpy(example.boxes.gt_labels[example.gt_index].astype(np.int64))
+    if flip:
+        width = image.shape[-1]
+        image = image.flip(-1)
+        proposals = torch.stack([width - proposals[:, 2], proposals[:, 1], width - proposals[:, 0],
+                                 proposals[:, 3]], dim=1)
+        gt = torch.stack([width - gt[:, 2], gt[:, 1], width - gt[:, 0], gt[:, 3]], dim=1)
+    return image, proposals, {"boxes": gt, "labels": labels}
+
+
+def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Generator,
+             flip: bool) -> Iterator[tuple[list, list, list]]:
+    order = rng.permutation(len(examples)) if flip else np.arange(len(examples))
+    flips = rng.random(len(examples)) < 0.5 if flip else np.zeros(len(examples), bool)
+    for start in range(0, len(order), images_per_batch):
+        loaded = [_load(examples[i], bool(flips[i])) for i in order[start:start + images_per_batch]]
+        loaded = [x for x in loaded if x is not None]
+        if loaded:
+            images, proposals, targets = zip(*loaded)
+            yield list(images), list(proposals), list(targets)
+
+
+class _Meter:
+    """Epoch totals of the multi-task loss and RoI accuracy (overall and foreground)."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "loss_classifier": 0.0, "loss_box_reg": 0.0}
+        self.steps = self.correct = self.count = self.fg_correct = self.fg_count = 0
+
+    def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.steps += 1
+        for key, value in losses.items():
+            self.sums[key] += float(value)
+        self.sums["loss"] += float(sum(losses.values()))
+        hit = logits.argmax(dim=1) == labels
+        fg = labels > 0
+        self.correct += int(hit.sum())
+        self.count += len(labels)
+        self.fg_correct += int((hit & fg).sum())
+        self.fg_count += int(fg.sum())
+
+    def result(self) -> dict[str, float]:
+        out = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+        return {**out, "accuracy": self.correct / max(self.count, 1),
+                "fg_accuracy": self.fg_correct / max(self.fg_count, 1), "fg_share": self.fg_count / max(self.count, 1)}
+
+
+def validation_loss(model: FastRCNN, examples: list[Example], images_per_batch: int,
+                    device: torch.device) -> dict[str, float]:
+    """Loss and RoI accuracy on the validation images, with the same RoI sample every epoch."""
+    model.eval()
+    meter = _Meter()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(), inference_autocast(device):
+        torch.manual_seed(VAL_SAMPLE_SEED)
+        for images, proposals, targets in _batches(examples, images_per_batch, np.random.default_rng(0), False):
+            losses, logits, labels = model.losses([i.to(device) for i in images], [p.to(device) for p in proposals],
+                                                  [{k: v.to(device) for k, v in t.items()} for t in targets])
+            meter.add(losses, logits, labels)
+    return meter.result()
+
+
+def validation_ap(model: FastRCNN, examples: list[Example], classes: Sequence[str],
+                  device: torch.device) -> dict[str, float]:
+    """Detection AP on the validation images over every stored proposal, as the evaluate stage scores."""
+    detector = FastRCNNDetector(model.eval(), {"classes": list(classes)}, device, VAL_SCORE_THRESHOLD, VAL_NMS_IOU,
+                                VAL_MAX_DETECTIONS)
+    found, annotations = {}, []
+    for ex in examples:
+        b = ex.boxes
+        annotations.append(voc.Annotation(b.image_id, b.width, b.height, b.gt_boxes, b.gt_labels, b.gt_difficult,
+                                          np.zeros(len(b.gt_labels), bool)))
+        try:
+            found[b.image_id] = detector.detect(voc.read_image(ex.path), b.proposals)
+        except RcnnError:
+            continue  # unreadable: warned about by the training loop; counts with no detections
+    result = evaluate_detections(found, annotations, classes)
+    return {"map": _finite(result.map), "map07": _finite(result.map07)}
+
+
+def _finite(value: float) -> float:
+    return value if value == value else 0.0
+
+
+def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Params, device: torch.device,
+        live: Live | None = None) -> dict:
+    """Train with early stopping on validation AP; ``model`` ends holding the best epoch's state."""
+    t = params.train
+    optimizer = build_optimizer(model.parameters(), t)
+    steps_per_epoch = -(-len(train) // t.images_per_batch)
+    scheduler = build_scheduler(optimizer, steps_per_epoch, t)
+    rng = np.random.default_rng(params.seed)
+    best: dict = {"best_epoch": 0}
+    best_key, best_state = (-1.0, float("-inf")), None
+    start, epochs_run = time.perf_counter(), 0
+    bar = tqdm(range(1, t.epochs + 1), desc="train fast_rcnn", unit="epoch")
+    for epoch in bar:
+        model.train()
+        meter = _Meter()
+        for images, proposals, targets in tqdm(_batches(train, t.images_per_batch, rng, True), total=steps_per_epoch,
+                                               desc=f"epoch {epoch}", unit="batch", leave=False):
+            with inference_autocast(device):
+                losses, logits, labels = model.losses([i.to(device) for i in images],
+                                                      [p.to(device) for p in proposals],
+                                                      [{k: v.to(device) for k, v in x.items()} for x in targets])
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise RcnnError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower train.lr = {t.lr} "
+                                f"or add train.warmup_epochs")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            meter.add({k: v.detach() for k, v in losses.items()}, logits, labels)
+        train_m = meter.result()
+        val_m = {**validation_loss(model, val, t.images_per_batch, device),
+                 **validation_ap(model, val, params.classes, device)}
+        epochs_run = epoch
+        if live is not None:
+            for name in ("loss", "accuracy", "fg_accuracy"):
+                live.log_metric(f"train/{name}", train_m[name])
+                live.log_metric(f"val/{name}", val_m[name])
+            live.log_metric("val/map", val_m["map"])
+            live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
+            live.next_step()
+        key = (val_m["map"], -val_m["loss"])
+        if key > best_key:
+            best_key, best_state = key, copy.deepcopy(model.state_dict())
+            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items()},
+                    **{f"train_{k}": v for k, v in train_m.items()}}
+        bar.set_postfix(loss=f"{train_m['loss']:.3f}", val_map=f"{val_m['map']:.3f}", best=best["best_epoch"])
+        if epoch - best["best_epoch"] >= t.patience:
+            break
+    seconds = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    model.eval()
+    return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
+            "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
+            "train_images": len(train), "val_images": len(val)}
+
+
+def run_train_stage(params: Params, features_dir: str | Path = "data/features",
+                    regions_dir: str | Path = "data/regions", model_path: str | Path = "data/model/model.pt",
+                    metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive",
+                    voc_dir: str | Path = "data/voc") -> dict:
+    """Train Fast R-CNN, write the best checkpoint and ``metrics/train.json``; returns the metrics.
+
+    ``features_dir`` is accepted for the common train-stage signature and not read: Fast R-CNN
+    computes its features from whole images while it trains.
+    """
+    index = read_index(regions_dir, "boxes")
+    if list(index.get("classes", [])) != list(params.classes):
+        raise RcnnError(f"{Path(regions_dir) / 'index.json'} was made for classes {index.get('classes')} but "
+                        f"params say {params.classes}: rerun the regions stage")
+    root = voc.find_voc_root(voc_dir)
+    split_examples = {}
+    for split in dict.fromkeys([params.data.train_split, params.data.val_split]):
+        items = load_boxes(Path(regions_dir) / split / BOXES_FILE)
+        split_examples[split] = _examples(root, items, bool(index["difficult_as_foreground"]))
+    train, val = split_examples[params.data.train_split], split_examples[params.data.val_split]
+    if not train or not val:
+        raise RcnnError(f"no images to train on ({len(train)} in {params.data.train_split}, {len(val)} in "
+                        f"{params.data.val_split}): check the regions stage output in {regions_dir}")
+    device = select_device(params.train.device)
+    torch.manual_seed(params.seed)  # RoI sampling, dropout, multi-scale sizes
+    model = build_fast_rcnn(params, index["fg_iou"], index["bg_iou"]).to(device)
+    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        summary = fit(model, train, val, params, device, live)
+    save_fast_rcnn(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
+    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
+    write_json(metrics_path, metrics)
+    return metrics

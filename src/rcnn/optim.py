@@ -1,0 +1,49 @@
+"""Optimiser and learning-rate schedule from ``train.*``, shared by every detector family.
+
+``train.optimizer``: Adam (the tutorial's) or SGD with ``train.momentum`` (the papers'), both
+with ``train.weight_decay``. The schedule is applied per step: a linear warm-up over
+``train.warmup_epochs`` epochs from a tenth of ``train.lr``, then ``constant``, ``step`` (x0.1
+after two thirds of ``train.epochs``, as Fast R-CNN's 30k/40k iterations) or ``cosine`` (to zero
+at ``train.epochs``). Early stopping may end training before the schedule does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from rcnn.params import TrainParams
+
+WARMUP_START = 0.1  # warm-up starts at this fraction of train.lr
+STEP_AT = 2 / 3  # the step schedule divides the rate by 10 after this fraction of train.epochs
+STEP_FACTOR = 0.1
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], t: TrainParams) -> torch.optim.Optimizer:
+    """Adam or SGD over ``parameters`` (only those that require gradients)."""
+    trainable = [p for p in parameters if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, t: TrainParams) -> float:
+    """Multiplier of ``train.lr`` at optimiser step ``step`` (0-based)."""
+    epoch = step / max(steps_per_epoch, 1)  # fractional epochs done
+    if epoch < t.warmup_epochs:
+        return WARMUP_START + (1 - WARMUP_START) * epoch / t.warmup_epochs
+    if t.schedule == "step":
+        return STEP_FACTOR if epoch >= STEP_AT * t.epochs else 1.0
+    if t.schedule == "cosine":
+        span = max(t.epochs - t.warmup_epochs, 1e-9)
+        progress = min((epoch - t.warmup_epochs) / span, 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    t: TrainParams) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler following :func:`lr_factor`; call ``step()`` after every optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, t))

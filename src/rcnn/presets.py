@@ -1,0 +1,100 @@
+"""Named configurations, printed as ``-S key=value`` options for ``dvc exp run``.
+
+``dvc exp run $(python -m rcnn.presets fast-cpu paper)`` runs with both presets (a later name
+wins where two set the same key). Every option is one shell word with no spaces or quotes, so
+the unquoted substitution works. Dataset options (``data.source``, ``classes``) and weight files
+are never part of a preset: pass them with their own ``-S``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from typing import Sequence
+
+import yaml
+
+from rcnn.errors import RcnnError, run_cli
+from rcnn.params import set_dotted
+
+FAST_CPU = {"model.backbone": "mobilenet_v2", "regions.crop_size": 160, "proposals.max_side": 300}
+PAPER = {"regions.fg_iou": 0.5, "regions.bg_iou": 0.3, "regions.add_ground_truth": True, "regions.context": 16,
+         "model.bbox_regression": True}
+FAST_RCNN = {
+    "model.arch": "fast_rcnn", "model.backbone": "mobilenet_v2", "model.trainable_layers": 8,
+    "model.image_size": 480, "model.max_size": 800, "model.roi_channels": 128, "model.roi_size": 7,
+    "model.hidden": 512, "model.dropout": 0.0,
+    "proposals.max_side": 300, "regions.fg_iou": 0.5, "regions.bg_iou": 0.5,
+    "train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9, "train.weight_decay": 0.0005,
+    "train.schedule": "cosine", "train.warmup_epochs": 1, "train.epochs": 15, "train.patience": 5,
+    "train.images_per_batch": 2, "train.rois_per_image": 128, "train.fg_fraction": 0.25,
+    "evaluate.max_proposals": 2000,
+}
+
+PRESETS: dict[str, tuple[str, dict[str, object]]] = {
+    "fast-cpu": ("MobileNetV2, 160-px crops, selective search on 300-px copies: R-CNN in minutes on a CPU",
+                 FAST_CPU),
+    "paper": ("the R-CNN paper's labelling (fg >= 0.5, bg < 0.3, ground truth added, 16 px context) + box "
+              "regression", PAPER),
+    "rcnn-best": ("the best measured R-CNN: fast-cpu + paper", {**FAST_CPU, **PAPER}),
+    "fast-rcnn": ("Fast R-CNN over selective search, MobileNetV2 with its last 8 blocks trained, SGD + cosine",
+                  FAST_RCNN),
+}
+
+
+def format_value(value: object) -> str:
+    """A value as YAML flow text without spaces (``true``, ``0.5``, ``[480,600]``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return text.replace(", ", ",").replace(": ", ":")
+
+
+def merged(names: Sequence[str]) -> dict[str, object]:
+    """The options of ``names`` in order, later names overriding earlier ones."""
+    out: dict[str, object] = {}
+    for name in names:
+        if name not in PRESETS:
+            raise RcnnError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+        out.update(PRESETS[name][1])
+    return out
+
+
+def apply(raw: dict[str, object], names: Sequence[str]) -> dict[str, object]:
+    """A copy of the params mapping ``raw`` with the presets ``names`` applied."""
+    out = copy.deepcopy(raw)
+    for key, value in merged(names).items():
+        set_dotted(out, key, value)
+    return out
+
+
+def options(names: Sequence[str]) -> list[str]:
+    """``-S key=value`` words for ``dvc exp run``."""
+    words = []
+    for key, value in merged(names).items():
+        words += ["-S", f"{key}={format_value(value)}"]
+    return words
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m rcnn.presets NAME [NAME ...]`` or ``--list``."""
+    def run() -> None:
+        parser = argparse.ArgumentParser(prog="python -m rcnn.presets",
+                                         description="Print the dvc exp run -S options of named configurations.")
+        parser.add_argument("names", nargs="*", metavar="NAME")
+        parser.add_argument("--list", action="store_true", help="list the presets, one line each")
+        args = parser.parse_args(argv)
+        if args.list:
+            width = max(map(len, PRESETS))
+            for name, (summary, _) in PRESETS.items():
+                print(f"{name:<{width}}  {summary}")
+            return
+        if not args.names:
+            raise RcnnError("name at least one preset (python -m rcnn.presets --list shows them)")
+        print(" ".join(options(args.names)))
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

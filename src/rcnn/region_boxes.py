@@ -1,0 +1,155 @@
+"""Labelled proposals per image: the training regions of detectors that pool from a feature map.
+
+Fast R-CNN needs no warped crops: it runs the backbone on the whole image and pools each
+proposal from the feature map, drawing a fresh foreground/background sample every epoch. So for
+those detectors the regions stage stores, per image, *every* proposal with its label (class,
+0 background, -1 ignored: see :func:`rcnn.regions.label_candidates`) and the ground truth, in one
+``<dir>/<split>/boxes.npz`` per split (no pickles, loaded with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rcnn import voc
+from rcnn.errors import RcnnError
+from rcnn.fileio import atomic_dir, atomic_path, write_json
+from rcnn.params import Params
+from rcnn.proposals import load_proposals, proposal_file
+from rcnn.regions import label_candidates
+
+BOXES_FILE = "boxes.npz"
+
+
+@dataclass(frozen=True)
+class ImageBoxes:
+    """One image's proposals with labels and its ground truth (inclusive 0-based corners)."""
+
+    image_id: str
+    width: int
+    height: int
+    proposals: np.ndarray  # (N, 4) float32, best first
+    labels: np.ndarray  # (N,) int64: class, 0 background, -1 ignored
+    gt_boxes: np.ndarray  # (M, 4) float32
+    gt_labels: np.ndarray  # (M,) int64
+    gt_difficult: np.ndarray  # (M,) bool
+
+    def training_targets(self, difficult_as_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Proposals a detector may learn from (not ignored) and the objects it must find.
+
+        Difficult objects are never targets unless ``difficult_as_foreground``; proposals that
+        overlap them are already labelled ignored, so they are not taught as background either.
+        """
+        keep_gt = np.ones(len(self.gt_labels), bool) if difficult_as_foreground else ~self.gt_difficult
+        return self.proposals[self.labels >= 0], np.flatnonzero(keep_gt)
+
+
+def image_boxes(annotation: voc.Annotation, proposals: np.ndarray, labels: np.ndarray) -> ImageBoxes:
+    """Bundle an image's labelled proposals with its annotation."""
+    return ImageBoxes(annotation.image_id, annotation.width, annotation.height,
+                      np.asarray(proposals, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                      annotation.boxes.astype(np.float32).reshape(-1, 4), annotation.labels.astype(np.int64),
+                      annotation.difficult.astype(bool))
+
+
+def save_boxes(path: str | Path, items: Sequence[ImageBoxes]) -> None:
+    """Write a split's labelled boxes atomically as flat arrays plus per-image offsets."""
+    def offsets(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+
+    def joined(arrays: list[np.ndarray], shape: tuple, dtype: type) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(shape, dtype)
+
+    arrays = {
+        "image_ids": np.array([i.image_id for i in items], dtype=str),
+        "sizes": np.array([[i.width, i.height] for i in items], np.int64).reshape(-1, 2),
+        "proposal_offsets": offsets([i.proposals for i in items]),
+        "proposals": joined([i.proposals for i in items], (0, 4), np.float32),
+        "labels": joined([i.labels for i in items], (0,), np.int64),
+        "gt_offsets": offsets([i.gt_boxes for i in items]),
+        "gt_boxes": joined([i.gt_boxes for i in items], (0, 4), np.float32),
+        "gt_labels": joined([i.gt_labels for i in items], (0,), np.int64),
+        "gt_difficult": joined([i.gt_difficult for i in items], (0,), bool),
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_boxes(path: str | Path) -> list[ImageBoxes]:
+    """The labelled boxes of a split written by :func:`save_boxes`, in image-id order."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            a = {key: data[key] for key in data.files}
+        p_off, g_off = a["proposal_offsets"], a["gt_offsets"]
+        return [ImageBoxes(str(image_id), int(w), int(h),
+                           a["proposals"][p_off[k]:p_off[k + 1]].reshape(-1, 4), a["labels"][p_off[k]:p_off[k + 1]],
+                           a["gt_boxes"][g_off[k]:g_off[k + 1]].reshape(-1, 4), a["gt_labels"][g_off[k]:g_off[k + 1]],
+                           a["gt_difficult"][g_off[k]:g_off[k + 1]])
+                for k, (image_id, (w, h)) in enumerate(zip(a["image_ids"], a["sizes"]))]
+    except FileNotFoundError:
+        raise RcnnError(f"{path} not found: run the regions stage with this model.arch") from None
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as err:
+        raise RcnnError(f"{path} is not a valid labelled-boxes file ({err}); rerun the regions stage") from None
+
+
+def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path) -> tuple[dict, float]:
+    """Label every proposal of a split and write ``<out_dir>/<split>/boxes.npz``; returns its index entry."""
+    start = time.perf_counter()
+    annotations = voc.load_split(root, split, params.classes, params.data.on_bad_annotation)
+    proposals = load_proposals(proposal_file(proposals_dir, split, params.proposals.mode))
+    skipped = sorted(a.image_id for a in annotations if a.image_id not in proposals)
+    for image_id in skipped:
+        warnings.warn(f"skipping image {image_id} of {split}: it has no proposals (unreadable image?)",
+                      RuntimeWarning, stacklevel=2)
+    # Ground truth is not appended here: the detector adds it to every image's sample itself.
+    settings = dataclasses.replace(params.regions, add_ground_truth=False)
+    items = []
+    for ann in annotations:
+        if ann.image_id in proposals:
+            labels = label_candidates(proposals[ann.image_id], ann, settings).labels
+            items.append(image_boxes(ann, proposals[ann.image_id], labels))
+    path = out_dir / split / BOXES_FILE
+    save_boxes(path, items)
+    labels = np.concatenate([i.labels for i in items]) if items else np.zeros(0, np.int64)
+    per_class = np.bincount(labels[labels > 0], minlength=params.num_classes)
+    entry = {"files": [path.relative_to(out_dir).as_posix()], "regions": int((labels >= 0).sum()),
+             "foreground": int((labels > 0).sum()), "background": int((labels == 0).sum()),
+             "ignored": int((labels < 0).sum()),
+             "per_class": {c: int(per_class[i + 1]) for i, c in enumerate(params.classes)},
+             "images": len(items), "skipped_images": len(skipped), "skipped_ids": skipped,
+             "bytes": path.stat().st_size}
+    return entry, time.perf_counter() - start
+
+
+
+def run_box_regions_stage(params: Params, voc_dir: str | Path = "data/voc",
+                          proposals_dir: str | Path = "data/proposals", out_dir: str | Path = "data/regions",
+                          metrics_path: str | Path = "metrics/regions.json") -> dict:
+    """Write labelled boxes and ``index.json`` for the train and val splits, and ``metrics/regions.json``."""
+    root = voc.find_voc_root(voc_dir)
+    r = params.regions
+    index = {"format": "boxes", "classes": list(params.classes), "fg_iou": r.fg_iou, "bg_iou": r.bg_iou,
+             "difficult_as_foreground": r.difficult_as_foreground, "proposals_mode": params.proposals.mode,
+             "splits": {}}
+    seconds = 0.0
+    with atomic_dir(out_dir) as tmp:
+        for split in dict.fromkeys([params.data.train_split, params.data.val_split]):
+            index["splits"][split], took = split_boxes(params, root, Path(proposals_dir), split, tmp)
+            seconds += took
+        write_json(tmp / "index.json", index)
+    entries = index["splits"].values()
+    metrics = {"format": "boxes",
+               "splits": {s: {k: v for k, v in e.items() if k != "files"} for s, e in index["splits"].items()},
+               **{key: sum(e[key] for e in entries) for key in ("regions", "foreground", "background", "bytes")},
+               "seconds": round(seconds, 3)}
+    write_json(metrics_path, metrics)
+    return metrics

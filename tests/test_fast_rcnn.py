@@ -1,0 +1,179 @@
+"""Fast R-CNN: RoI pooling, RoI sampling, flips, labelled boxes, checkpoints, training, the factory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rcnn import voc
+from rcnn.detection import run_evaluate_stage
+from rcnn.detectors import family, load_detector, run_regions_stage, run_train_stage
+from rcnn.errors import RcnnError
+from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, RoIAlignPool, save_fast_rcnn, to_continuous
+from rcnn.fast_rcnn_training import Example, _load
+from rcnn.features import run_features_stage
+from rcnn.params import Params, from_dict
+from rcnn.proposals import run_proposals_stage
+from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
+from rcnn.regions import read_index
+
+
+def tiny_model(**kw) -> FastRCNN:
+    torch.manual_seed(0)
+    args = {"backbone": "resnet18", "num_classes": 3, "roi_channels": 8, "roi_size": 3, "hidden": 16,
+            "image_size": 96, "max_size": 160, "trainable_layers": 1, **kw}
+    return FastRCNN(**args)
+
+
+def test_roi_pooling_equals_pooling_the_region_cropped_by_hand():
+    torch.manual_seed(0)
+    fmap = torch.randn(1, 5, 32, 40)
+    pool = RoIAlignPool(7, spatial_scale=1.0, sampling_ratio=2)
+    box = torch.tensor([[8.0, 4.0, 22.0, 18.0]])  # continuous corners: 14 x 14 feature pixels
+    pooled = pool({"0": fmap}, [box], [(32, 40)])
+    by_hand = torch.nn.functional.avg_pool2d(fmap[:, :, 4:18, 8:22], 2)  # 2x2 pixels per output bin
+    assert pooled.shape == (1, 5, 7, 7)
+    torch.testing.assert_close(pooled, by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_model_pools_at_the_backbone_stride():
+    model = tiny_model()
+    image = torch.rand(3, 96, 128)
+    features, scaled, sizes, _, _ = model._features([image], [torch.tensor([[0.0, 0.0, 64.0, 64.0]])])
+    assert features["0"].shape[-2:] == (3, 4)  # 96 x 128 at stride 32
+    assert sizes == [(96, 128)] and torch.equal(scaled[0], torch.tensor([[0.0, 0.0, 64.0, 64.0]]))
+
+
+@pytest.mark.parametrize("fg_fraction", [0.25, 0.5])
+def test_sampled_rois_have_the_requested_foreground_share(fg_fraction: float):
+    model = tiny_model(rois_per_image=32, fg_fraction=fg_fraction)
+    gen = torch.Generator().manual_seed(1)
+    gt = torch.tensor([[20.0, 20.0, 60.0, 60.0]])
+    near = gt + torch.randint(-3, 4, (100, 4), generator=gen).float()  # IoU >= 0.5: foreground
+    far = torch.tensor([[70.0, 0.0, 90.0, 15.0]]) + torch.rand(200, 4, generator=gen)  # background
+    targets = [{"boxes": gt, "labels": torch.tensor([2])}]
+    for _ in range(3):
+        _, _, labels, _ = model.roi_heads.select_training_samples([torch.cat([near, far])], targets)
+        assert len(labels[0]) == 32
+        assert int((labels[0] > 0).sum()) == int(32 * fg_fraction)
+        assert set(labels[0].tolist()) <= {0, 2}
+    # Few positives: all of them (and the ground truth itself) are taken, background fills up.
+    _, _, labels, _ = model.roi_heads.select_training_samples([torch.cat([near[:2], far])], targets)
+    assert int((labels[0] > 0).sum()) == 3 and len(labels[0]) == 32
+
+
+def test_flipped_example_mirrors_image_proposals_and_targets(synthetic_voc: Path):
+    image_id = voc.read_split(synthetic_voc, "train")[0]
+    ann = voc.parse_annotation(voc.annotation_path(synthetic_voc, image_id), ["car", "dog", "person"])
+    props = np.array([[0, 0, 9, 19], [5, 5, 30, 40]], np.float32)
+    item = ImageBoxes(image_id, ann.width, ann.height, props, np.array([0, 0]), ann.boxes, ann.labels,
+                      np.zeros(len(ann.labels), bool))
+    example = Example(voc.image_path(synthetic_voc, image_id), item, props, np.arange(len(ann.labels)))
+    plain_img, plain_props, plain_t = _load(example, flip=False)
+    flip_img, flip_props, flip_t = _load(example, flip=True)
+    width = plain_img.shape[-1]
+    torch.testing.assert_close(flip_img, plain_img.flip(-1))
+    torch.testing.assert_close(flip_props[0], torch.tensor([width - 10.0, 0, width, 20]))
+    torch.testing.assert_close(flip_t["boxes"][:, [0, 2]], width - plain_t["boxes"][:, [2, 0]])
+    # The flipped box covers the mirrored pixels: same content.
+    x1, y1, x2, y2 = plain_t["boxes"][0].int().tolist()
+    fx1, _, fx2, _ = flip_t["boxes"][0].int().tolist()
+    torch.testing.assert_close(flip_img[:, y1:y2, fx1:fx2], plain_img[:, y1:y2, x1:x2].flip(-1))
+
+
+def test_labelled_boxes_round_trip_and_exclude_difficult_and_ignored(tmp_path: Path):
+    items = [ImageBoxes("a", 50, 40, np.array([[0, 0, 9, 9], [1, 1, 20, 20], [2, 2, 5, 5]], np.float32),
+                        np.array([1, -1, 0]), np.array([[0, 0, 10, 10], [20, 5, 30, 30]], np.float32),
+                        np.array([1, 2]), np.array([False, True])),
+             ImageBoxes("b", 30, 30, np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                        np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))]
+    save_boxes(tmp_path / "boxes.npz", items)
+    loaded = load_boxes(tmp_path / "boxes.npz")
+    assert [i.image_id for i in loaded] == ["a", "b"]
+    for got, want in zip(loaded, items):
+        for field in ("proposals", "labels", "gt_boxes", "gt_labels", "gt_difficult"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    proposals, gt_index = loaded[0].training_targets(difficult_as_foreground=False)
+    np.testing.assert_array_equal(proposals, items[0].proposals[[0, 2]])
+    assert gt_index.tolist() == [0]
+    assert loaded[0].training_targets(difficult_as_foreground=True)[1].tolist() == [0, 1]
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RcnnError, match="not a valid labelled-boxes file"):
+        load_boxes(tmp_path / "bad.npz")
+
+
+def test_checkpoint_round_trips_to_the_same_detections(tmp_path: Path, synthetic_voc: Path):
+    model = tiny_model().eval()
+    params = Params(classes=["car", "dog", "person"])
+    save_fast_rcnn(tmp_path / "m.pt", model, params, {"best_epoch": 3})
+    first = (tmp_path / "m.pt").read_bytes()
+    save_fast_rcnn(tmp_path / "m.pt", model, params, {"best_epoch": 3})
+    assert (tmp_path / "m.pt").read_bytes() == first  # same bytes: DVC can reuse what follows
+    detector = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0, max_detections=10)
+    assert isinstance(detector, FastRCNNDetector) and detector.meta["arch"] == "fast_rcnn"
+    assert detector.classes == ["car", "dog", "person"] and detector.meta["best_epoch"] == 3
+    image = voc.read_image(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "train")[0]))
+    proposals = np.array([[0, 0, 40, 40], [10, 10, 60, 50], [30, 5, 90, 70]], np.float32)
+    again = FastRCNNDetector(model, {"classes": detector.classes}, torch.device("cpu"), 0.0, 0.3, 10)
+    a, b = detector.detect(image, proposals), again.detect(image, proposals)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    assert len(a) > 0 and (a.boxes[:, 2] <= image.shape[1] - 1).all()
+
+
+def test_tampered_fast_rcnn_checkpoint_is_one_clear_error(tmp_path: Path):
+    model = tiny_model()
+    save_fast_rcnn(tmp_path / "m.pt", model, Params(classes=["car", "dog", "person"]), {})
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["meta"]["config"]["hidden"] = 99
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(RcnnError, match="does not match its own description"):
+        load_detector(tmp_path / "bad.pt", "cpu")
+
+
+def test_factory_knows_each_arch_and_rejects_others():
+    assert family("rcnn").region_format == "crops" and family("rcnn").caches_features
+    assert family("fast_rcnn").region_format == "boxes" and not family("fast_rcnn").caches_features
+    with pytest.raises(RcnnError, match="model.arch = 'yolo' is unknown"):
+        family("yolo")
+
+
+def _params(source: Path, **model) -> Params:
+    raw = {"classes": ["car", "dog", "person"], "data": {"source": str(source)},
+           "proposals": {"max_proposals": 200, "max_side": 192, "n_jobs": 1},
+           "regions": {"fg_iou": 0.5, "bg_iou": 0.5},
+           "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "trainable_layers": 1,
+                     "image_size": 128, "max_size": 192, "roi_channels": 16, "roi_size": 5, "hidden": 64,
+                     "dropout": 0.0, **model},
+           "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 3,
+                     "patience": 3, "device": "cpu", "rois_per_image": 64},
+           "evaluate": {"split": "val", "max_proposals": 200}}
+    return from_dict(raw)
+
+
+def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path):
+    params = _params(synthetic_voc)
+    run_proposals_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
+    metrics = run_regions_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "regions",
+                                tmp_path / "regions.json")
+    assert metrics["format"] == "boxes" and metrics["foreground"] > 0 and metrics["background"] > 0
+    assert (tmp_path / "regions" / "train" / BOXES_FILE).is_file()
+    with pytest.raises(RcnnError, match="format 'boxes', not 'crops'"):
+        read_index(tmp_path / "regions")
+    info = run_features_stage(params, tmp_path / "regions", tmp_path / "features")
+    assert info["cached"] is False and "fast_rcnn" in info["reason"]
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["info.json"]
+    summary = run_train_stage(params, tmp_path / "features", tmp_path / "regions", tmp_path / "model.pt",
+                              tmp_path / "train.json", tmp_path / "live", synthetic_voc)
+    assert 1 <= summary["best_epoch"] <= 3 and summary["train_images"] > 0
+    assert 0.15 < summary["train_fg_share"] < 0.35  # requested 0.25 of each image's RoIs
+    assert (tmp_path / "live" / "plots" / "metrics" / "val" / "map.tsv").is_file()
+    result = run_evaluate_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "model.pt",
+                                tmp_path / "detections", tmp_path / "eval.json", tmp_path / "pr")
+    stored = json.loads((tmp_path / "eval.json").read_text())
+    assert stored["map"] == pytest.approx(result["map"]) and set(stored["time"]) >= {"cnn", "total"}
+    assert (tmp_path / "detections" / "detections.npz").is_file()
