@@ -187,9 +187,11 @@ def test_queued_sweep_runs_in_the_background(project: Path):
     assert "0.002" in shown and "0.004" in shown
 
 
-FAST_RCNN_OPTIONS = ["-S", "model.arch=fast_rcnn", "-S", "model.trainable_layers=1", "-S", "model.image_size=128",
-                     "-S", "model.max_size=192", "-S", "model.roi_channels=16", "-S", "model.roi_size=5",
-                     "-S", "model.dropout=0.0", "-S", "train.rois_per_image=64"]
+# Random weights and 8 training images: only training every layer for 10 epochs learns anything here.
+FAST_RCNN_OPTIONS = ["-S", "model.arch=fast_rcnn", "-S", "model.trainable_layers=5", "-S", "model.image_size=192",
+                     "-S", "model.max_size=256", "-S", "model.roi_channels=16", "-S", "model.roi_size=5",
+                     "-S", "model.dropout=0.0", "-S", "train.rois_per_image=64", "-S", "train.optimizer=sgd",
+                     "-S", "train.lr=0.01", "-S", "train.epochs=10", "-S", "train.patience=10"]
 
 
 def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
@@ -204,10 +206,10 @@ def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["train_images"] > 0 and "val_map" in train
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert evaluation["map"] > 0.1, evaluation  # above chance: see test_fast_rcnn for the untrained score
+    assert evaluation["map"] > 0.1, evaluation  # above chance: 4 epochs of Adam here score 0.03
     assert (project / "data" / "render" / "grid.jpg").is_file()
     # A Fast R-CNN-only knob reruns training and what follows, nothing before it.
-    again = run(["dvc", "exp", "run", "-n", "fast-lr", *FAST_RCNN_OPTIONS, "-S", "train.lr=0.0005"], project)
+    again = run(["dvc", "exp", "run", "-n", "fast-lr", *FAST_RCNN_OPTIONS, "-S", "train.lr=0.005"], project)
     assert _ran(again.stdout) == {"train", "evaluate", "render"}, again.stdout
     source = Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
     detect = run(["rcnn-detect", str(sorted((source / "JPEGImages").glob("*.jpg"))[0]),

@@ -101,6 +101,13 @@ def test_labelled_boxes_round_trip_and_exclude_difficult_and_ignored(tmp_path: P
     np.testing.assert_array_equal(proposals, items[0].proposals[[0, 2]])
     assert gt_index.tolist() == [0]
     assert loaded[0].training_targets(difficult_as_foreground=True)[1].tolist() == [0, 1]
+    # Fast R-CNN's background floor: only near misses (IoU >= 0.1 with an object) stay background.
+    near_miss = ImageBoxes("c", 60, 60, np.array([[0, 0, 9, 9], [8, 8, 17, 17], [40, 40, 59, 59]], np.float32),
+                           np.array([1, 0, 0]), np.array([[0, 0, 9, 9]], np.float32), np.array([1]),
+                           np.array([False]))
+    kept, _ = near_miss.training_targets(False, bg_iou_low=0.01)
+    np.testing.assert_array_equal(kept, near_miss.proposals[:2])
+    np.testing.assert_array_equal(near_miss.training_targets(False)[0], near_miss.proposals)
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(RcnnError, match="not a valid labelled-boxes file"):
         load_boxes(tmp_path / "bad.npz")

@@ -78,6 +78,17 @@ INVALID = {
     "no mirrors": (_with({"data": {"mirrors": []}}), "data.mirrors = [] is invalid"),
     "section not a mapping": (_with({"data": 5}), "data = 5 is invalid: expected a mapping"),
     "bad yaml": ("data: [unclosed\n", "params.yaml is not valid YAML"),
+    "bad arch": (_with({"model": {"arch": "yolo"}}), "model.arch = 'yolo' is invalid: expected one of 'rcnn', 'fast_rcnn'"),
+    "bad optimizer": (_with({"train": {"optimizer": "lbfgs"}}), "train.optimizer = 'lbfgs' is invalid"),
+    "bad schedule": (_with({"train": {"schedule": "linear"}}), "train.schedule = 'linear' is invalid"),
+    "max_size below image_size": (_with({"model": {"image_size": 600, "max_size": 500}}),
+                                  "model.max_size = 500 is invalid: must be >= model.image_size (600)"),
+    "training size above max": (_with({"train": {"image_sizes": [480, 900]}}),
+                                "train.image_sizes = [480, 900] is invalid: each size must be in [32, model.max_size"),
+    "warm-up as long as training": (_with({"train": {"epochs": 3, "warmup_epochs": 3}}),
+                                    "train.warmup_epochs = 3 is invalid: must be < train.epochs (3)"),
+    "fg_fraction zero": (_with({"train": {"fg_fraction": 0}}), "train.fg_fraction = 0.0 is out of range"),
+    "rois zero": (_with({"train": {"rois_per_image": 0}}), "train.rois_per_image = 0 is out of range"),
 }
 
 

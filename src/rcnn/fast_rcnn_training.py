@@ -49,10 +49,11 @@ class Example:
     gt_index: np.ndarray  # objects to learn (difficult ones excluded unless asked)
 
 
-def _examples(root: Path, items: Sequence[ImageBoxes], difficult_as_foreground: bool) -> list[Example]:
+def _examples(root: Path, items: Sequence[ImageBoxes], difficult_as_foreground: bool,
+              bg_iou_low: float = 0.0) -> list[Example]:
     out = []
     for item in items:
-        proposals, gt_index = item.training_targets(difficult_as_foreground)
+        proposals, gt_index = item.training_targets(difficult_as_foreground, bg_iou_low)
         out.append(Example(voc.image_path(root, item.image_id), item, proposals, gt_index))
     return out
 
@@ -220,11 +221,11 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         raise RcnnError(f"{Path(regions_dir) / 'index.json'} was made for classes {index.get('classes')} but "
                         f"params say {params.classes}: rerun the regions stage")
     root = voc.find_voc_root(voc_dir)
-    split_examples = {}
-    for split in dict.fromkeys([params.data.train_split, params.data.val_split]):
-        items = load_boxes(Path(regions_dir) / split / BOXES_FILE)
-        split_examples[split] = _examples(root, items, bool(index["difficult_as_foreground"]))
-    train, val = split_examples[params.data.train_split], split_examples[params.data.val_split]
+    difficult = bool(index["difficult_as_foreground"])
+    train = _examples(root, load_boxes(Path(regions_dir) / params.data.train_split / BOXES_FILE), difficult,
+                      params.train.bg_iou_low)
+    val = _examples(root, load_boxes(Path(regions_dir) / params.data.val_split / BOXES_FILE), difficult,
+                    params.train.bg_iou_low)
     if not train or not val:
         raise RcnnError(f"no images to train on ({len(train)} in {params.data.train_split}, {len(val)} in "
                         f"{params.data.val_split}): check the regions stage output in {regions_dir}")

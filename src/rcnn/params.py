@@ -117,6 +117,7 @@ class TrainParams:
     images_per_batch: int = field(default=2, metadata=_range(1, 64))
     rois_per_image: int = field(default=128, metadata=_range(1, 4096))
     fg_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
+    bg_iou_low: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     image_sizes: list[int] = field(default_factory=list)
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from rcnn import voc
+from rcnn.boxes import box_iou
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, atomic_path, write_json
 from rcnn.params import Params
@@ -42,14 +43,22 @@ class ImageBoxes:
     gt_labels: np.ndarray  # (M,) int64
     gt_difficult: np.ndarray  # (M,) bool
 
-    def training_targets(self, difficult_as_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Proposals a detector may learn from (not ignored) and the objects it must find.
+    def training_targets(self, difficult_as_foreground: bool,
+                         bg_iou_low: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Proposals a detector may learn from and the indices of the objects it must find.
 
-        Difficult objects are never targets unless ``difficult_as_foreground``; proposals that
-        overlap them are already labelled ignored, so they are not taught as background either.
+        Ignored proposals are left out. Difficult objects are never targets unless
+        ``difficult_as_foreground``; proposals that overlap them are already labelled ignored, so
+        they are not taught as background either. With ``bg_iou_low > 0`` background proposals
+        overlapping no object by at least that much are left out too (Fast R-CNN's [0.1, 0.5)
+        background: near misses are the informative negatives); images without objects keep all.
         """
         keep_gt = np.ones(len(self.gt_labels), bool) if difficult_as_foreground else ~self.gt_difficult
-        return self.proposals[self.labels >= 0], np.flatnonzero(keep_gt)
+        keep = self.labels >= 0
+        if bg_iou_low > 0 and len(self.gt_boxes):
+            near = box_iou(self.proposals, self.gt_boxes).max(axis=1) >= bg_iou_low
+            keep &= (self.labels > 0) | near
+        return self.proposals[keep], np.flatnonzero(keep_gt)
 
 
 def image_boxes(annotation: voc.Annotation, proposals: np.ndarray, labels: np.ndarray) -> ImageBoxes:
