@@ -200,6 +200,10 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
         if epoch - best["best_epoch"] >= t.patience:
             break
     seconds = time.perf_counter() - start
+    if train_m["fg_accuracy"] == 0.0:
+        warnings.warn(f"training collapsed: the last epoch classified no foreground RoI correctly (the model "
+                      f"predicts background everywhere); lower train.lr = {t.lr} or train fewer backbone units "
+                      f"(model.trainable_layers = {params.model.trainable_layers})", RuntimeWarning, stacklevel=2)
     model.load_state_dict(best_state)
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),

@@ -26,7 +26,7 @@ FAST_RCNN = {
     "model.image_size": 480, "model.max_size": 800, "model.roi_channels": 128, "model.roi_size": 7,
     "model.hidden": 512, "model.dropout": 0.0,
     "proposals.max_side": 300, "regions.fg_iou": 0.5, "regions.bg_iou": 0.5,
-    "train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9, "train.weight_decay": 0.0005,
+    "train.optimizer": "sgd", "train.lr": 0.005, "train.momentum": 0.9, "train.weight_decay": 0.0005,
     "train.schedule": "cosine", "train.warmup_epochs": 1, "train.epochs": 24, "train.patience": 24,
     "train.images_per_batch": 2, "train.rois_per_image": 128, "train.fg_fraction": 0.25, "train.bg_iou_low": 0.0,
     "train.image_sizes": [400, 480, 560],
