@@ -74,7 +74,7 @@ FAMILIES = Path(__file__).resolve().parents[1] / "bench" / "families.py"
 
 def test_families_bench_compares_fast_rcnn_with_the_faster_rcnn_peer(tmp_path, synthetic_voc):
     out = tmp_path / "families"
-    tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "model.roi_channels=8",
+    tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "train.image_sizes=[96]", "model.roi_channels=8",
             "model.roi_size=3", "model.hidden=16", "train.epochs=2", "proposals.max_proposals=100",
             "evaluate.max_proposals=100"]
     proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,7 @@ from rcnn.boxes import box_iou
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, atomic_path, write_json
 from rcnn.params import Params
-from rcnn.proposals import load_proposals, proposal_file
-from rcnn.regions import label_candidates
+from rcnn.regions import label_candidates, split_inputs
 
 BOXES_FILE = "boxes.npz"
 
@@ -113,19 +111,11 @@ def load_boxes(path: str | Path) -> list[ImageBoxes]:
 def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path) -> tuple[dict, float]:
     """Label every proposal of a split and write ``<out_dir>/<split>/boxes.npz``; returns its index entry."""
     start = time.perf_counter()
-    annotations = voc.load_split(root, split, params.classes, params.data.on_bad_annotation)
-    proposals = load_proposals(proposal_file(proposals_dir, split, params.proposals.mode))
-    skipped = sorted(a.image_id for a in annotations if a.image_id not in proposals)
-    for image_id in skipped:
-        warnings.warn(f"skipping image {image_id} of {split}: it has no proposals (unreadable image?)",
-                      RuntimeWarning, stacklevel=2)
+    annotations, proposals, skipped = split_inputs(params, root, proposals_dir, split)
     # Ground truth is not appended here: the detector adds it to every image's sample itself.
     settings = dataclasses.replace(params.regions, add_ground_truth=False)
-    items = []
-    for ann in annotations:
-        if ann.image_id in proposals:
-            labels = label_candidates(proposals[ann.image_id], ann, settings).labels
-            items.append(image_boxes(ann, proposals[ann.image_id], labels))
+    items = [image_boxes(ann, proposals[ann.image_id], label_candidates(proposals[ann.image_id], ann, settings).labels)
+             for ann in annotations]
     path = out_dir / split / BOXES_FILE
     save_boxes(path, items)
     labels = np.concatenate([i.labels for i in items]) if items else np.zeros(0, np.int64)
@@ -137,7 +127,6 @@ def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out
              "images": len(items), "skipped_images": len(skipped), "skipped_ids": skipped,
              "bytes": path.stat().st_size}
     return entry, time.perf_counter() - start
-
 
 
 def run_box_regions_stage(params: Params, voc_dir: str | Path = "data/voc",

@@ -210,17 +210,23 @@ def iter_shards(regions_dir: str | Path, split: str) -> Iterator[dict]:
         yield {"crops": crops, **{k: shard[k] for k in SHARD_KEYS[1:]}}
 
 
-def _split_regions(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path, rel_root: Path,
-                   n_jobs: int) -> tuple[dict, float]:
-    """Extract and write the regions of one split; returns its index entry and seconds taken."""
-    start = time.perf_counter()
+def split_inputs(params: Params, root: Path, proposals_dir: Path,
+                 split: str) -> tuple[list[voc.Annotation], dict[str, np.ndarray], list[str]]:
+    """Annotations of a split's images that have proposals, the proposals, and the ids skipped (warned)."""
     annotations = voc.load_split(root, split, params.classes, params.data.on_bad_annotation)
     proposals = load_proposals(proposal_file(proposals_dir, split, params.proposals.mode))
     missing = sorted(a.image_id for a in annotations if a.image_id not in proposals)
     for image_id in missing:
         warnings.warn(f"skipping image {image_id} of {split}: it has no proposals (unreadable image?)",
-                      RuntimeWarning, stacklevel=2)
-    todo = [a for a in annotations if a.image_id in proposals]
+                      RuntimeWarning, stacklevel=3)
+    return [a for a in annotations if a.image_id in proposals], proposals, missing
+
+
+def _split_regions(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path, rel_root: Path,
+                   n_jobs: int) -> tuple[dict, float]:
+    """Extract and write the regions of one split; returns its index entry and seconds taken."""
+    start = time.perf_counter()
+    todo, proposals, missing = split_inputs(params, root, proposals_dir, split)
     jobs = (joblib.delayed(_image_regions)(a, str(voc.image_path(root, a.image_id)), proposals[a.image_id],
                                            params.regions, params.seed) for a in todo)
     writer = _ShardWriter(out_dir / split, rel_root, params.regions.shard_size)
