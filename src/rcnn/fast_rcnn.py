@@ -1,8 +1,8 @@
 """Fast R-CNN (Girshick, ICCV 2015) over the pipeline's selective-search proposals.
 
 The image goes through the backbone once; every proposal is pooled from the last feature map
-with RoIAlign (``torchvision.ops.MultiScaleRoIAlign``) and a small head gives class scores and
-class-specific box offsets. torchvision's building blocks do the standard parts:
+with RoIAlign (:class:`RoIAlignPool`, over ``torchvision.ops.roi_align``) and a small head gives
+class scores and class-specific box offsets. torchvision's building blocks do the standard parts:
 ``GeneralizedRCNNTransform`` resizes (shorter side ``model.image_size``, longer side at most
 ``model.max_size``) and normalises; ``RoIHeads`` adds the ground truth to the proposals,
 matches, samples ``train.rois_per_image`` RoIs with a ``train.fg_fraction`` foreground share,
