@@ -42,7 +42,7 @@ from rcnn.detection import run_evaluate_stage
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.errors import run_cli
 from rcnn.evaluation import Detections, evaluate_detections
-from rcnn.fast_rcnn import image_tensor
+from rcnn.fast_rcnn import flip_boxes, image_tensor
 from rcnn.fileio import atomic_path, write_json
 from rcnn.model import backbone_units, build_backbone, inference_autocast, select_device
 from rcnn.params import Params, from_dict, set_dotted
@@ -123,7 +123,7 @@ class _Peer:
                     if rng.random() < 0.5:
                         width = image.shape[-1]
                         image = image.flip(-1)
-                        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+                        boxes = flip_boxes(boxes, width)
                     images.append(image.to(device))
                     targets.append({"boxes": boxes.to(device), "labels": torch.from_numpy(ann.labels[keep]).to(device)})
                 with inference_autocast(device):

@@ -69,6 +69,11 @@ def to_continuous(boxes: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4) + INCLUSIVE_SHIFT)
 
 
+def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Continuous-corner boxes mirrored for an image of ``width`` pixels flipped left to right."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
 class RoIAlignPool(nn.Module):
     """RoIAlign of every proposal from the single feature map ``"0"``, pixel-aligned.
 

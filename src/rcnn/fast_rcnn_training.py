@@ -27,7 +27,8 @@ from tqdm import tqdm
 from rcnn import voc
 from rcnn.errors import RcnnError
 from rcnn.evaluation import evaluate_detections
-from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, build_fast_rcnn, image_tensor, save_fast_rcnn, to_continuous
+from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
+                            to_continuous)
 from rcnn.fileio import write_json
 from rcnn.model import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler
@@ -71,16 +72,15 @@ def _load(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dic
     if flip:
         width = image.shape[-1]
         image = image.flip(-1)
-        proposals = torch.stack([width - proposals[:, 2], proposals[:, 1], width - proposals[:, 0],
-                                 proposals[:, 3]], dim=1)
-        gt = torch.stack([width - gt[:, 2], gt[:, 1], width - gt[:, 0], gt[:, 3]], dim=1)
+        proposals, gt = flip_boxes(proposals, width), flip_boxes(gt, width)
     return image, proposals, {"boxes": gt, "labels": labels}
 
 
 def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Generator,
-             flip: bool) -> Iterator[tuple[list, list, list]]:
-    order = rng.permutation(len(examples)) if flip else np.arange(len(examples))
-    flips = rng.random(len(examples)) < 0.5 if flip else np.zeros(len(examples), bool)
+             training: bool) -> Iterator[tuple[list, list, list]]:
+    """Batches in a shuffled order with random flips when ``training``, else in order, unflipped."""
+    order = rng.permutation(len(examples)) if training else np.arange(len(examples))
+    flips = rng.random(len(examples)) < 0.5 if training else np.zeros(len(examples), bool)
     for start in range(0, len(order), images_per_batch):
         loaded = [_load(examples[i], bool(flips[i])) for i in order[start:start + images_per_batch]]
         loaded = [x for x in loaded if x is not None]
