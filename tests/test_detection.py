@@ -216,7 +216,7 @@ def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
         regions=dataclasses.replace(p.regions, crop_size=64, max_boxes=24, shard_size=100, fg_iou=0.5, bg_iou=0.3,
                                     add_ground_truth=True),
         model=ModelParams(backbone="resnet18", weights="none", hidden=64),
-        train=TrainParams(lr=1e-3, batch_size=32, epochs=12, patience=3, device="cpu", num_workers=0),
+        train=TrainParams(lr=1e-3, batch_size=32, epochs=12, patience=3, device="cpu"),
         evaluate=EvaluateParams(split="val", max_proposals=100))
     proposals.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
     regions.run_regions_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "regions",

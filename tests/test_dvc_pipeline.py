@@ -32,7 +32,7 @@ TINY_PARAMS = {
     "proposals": {"max_proposals": 150, "max_side": 192, "n_jobs": 2},
     "regions": {"fg_iou": 0.5, "bg_iou": 0.3, "max_boxes": 24, "crop_size": 64, "add_ground_truth": True},
     "model": {"backbone": "resnet18", "weights": "none", "hidden": 64},
-    "train": {"lr": 0.001, "epochs": 4, "patience": 2, "device": "cpu", "num_workers": 0},
+    "train": {"lr": 0.001, "epochs": 4, "patience": 2, "device": "cpu"},
     "evaluate": {"split": "val", "max_proposals": 60},
     "render": {"num_images": 2},
 }
@@ -215,3 +215,17 @@ def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
     detect = run(["rcnn-detect", str(sorted((source / "JPEGImages").glob("*.jpg"))[0]),
                   "--checkpoint", "data/model/model.pt", "--score", "0.0", "--max-proposals", "50"], project)
     assert detect.stdout.strip(), detect.stderr
+
+
+def test_rcnn_fine_tuning_svms_and_hard_negatives_run_through_dvc(project: Path):
+    run(["git", "reset", "-q", "--hard"], project)
+    run(["dvc", "checkout", "--force"], project)
+    exp = run(["dvc", "exp", "run", "-n", "paper-way", "-S", "model.trainable_layers=1", "-S", "model.classifier=svm",
+               "-S", "train.hard_negative_rounds=1", "-S", "train.optimizer=sgd", "-S", "train.lr=0.01",
+               "-S", "train.epochs=2"], project)
+    assert _ran(exp.stdout) == {"features", "train", "evaluate", "render"}, exp.stdout
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert train["epochs_run"] == 2 and train["pool_regions"] > train["regions_per_epoch"] > 0
+    assert train["final_classifier"]["classifier"] == "svm" and train["final_classifier"]["mined_per_round"][0] > 0
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert 0 <= evaluation["map"] <= 1 and (project / "data" / "render" / "grid.jpg").is_file()

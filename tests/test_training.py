@@ -10,38 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import features, proposals, regions, training
+from rcnn import features, regions, training
 from rcnn.errors import RcnnError
 from rcnn.model import build_model, load_checkpoint, preprocess
 from rcnn.params import ModelParams, Params, TrainParams
-from rcnn.synthetic import generate
 
 CLASSES = ["car", "dog", "person"]
-
-
-@pytest.fixture(scope="module")
-def regions_dir(tmp_path_factory) -> Path:
-    """Regions (64 px crops) of a 48-image synthetic set's train and val splits, made by the real stages.
-
-    Twice the shared 24-image set: with 6 validation images the foreground accuracy of a head on
-    random-init features is too noisy to assert a margin over chance.
-    """
-    root = tmp_path_factory.mktemp("train-inputs")
-    voc_dir = generate(root / "VOC2007", images=48, seed=0)
-    p = Params(classes=CLASSES)
-    p = dataclasses.replace(p, proposals=dataclasses.replace(p.proposals, max_side=128, max_proposals=200, n_jobs=1),
-                            regions=dataclasses.replace(p.regions, crop_size=64, max_boxes=24, shard_size=100,
-                                                        fg_iou=0.5, bg_iou=0.3, add_ground_truth=True))
-    proposals.run_proposals_stage(p, voc_dir, root / "proposals", root / "proposals.json")
-    regions.run_regions_stage(p, voc_dir, root / "proposals", root / "regions", root / "regions.json", n_jobs=1)
-    return root / "regions"
 
 
 def tiny_params(**model_changes) -> Params:
     return Params(classes=CLASSES,
                   model=ModelParams(backbone="resnet18", weights="none", hidden=64, **model_changes),
                   train=TrainParams(lr=1e-3, batch_size=32, epochs=20, patience=5, device="cpu",
-                                    feature_batch_size=64, num_workers=0))
+                                    feature_batch_size=64))
 
 
 def _all_regions(regions_dir: Path, split: str) -> dict[str, np.ndarray]:
@@ -92,7 +73,7 @@ def test_features_stage_without_regions_is_an_error(tmp_path):
 
 def _train(regions_dir: Path, features_dir: Path, out: Path, params: Params) -> dict:
     return training.run_train_stage(params, features_dir, regions_dir, out / "model.pt", out / "train.json",
-                                    out / "dvclive")
+                                    out / "dvclive", regions_dir.parent / "VOC2007")
 
 
 def test_head_training_learns_the_classes_and_is_reproducible(regions_dir, features_dir, tmp_path):
@@ -143,7 +124,7 @@ def test_features_from_another_backbone_are_refused(regions_dir, features_dir, t
 
 def test_end_to_end_fine_tuning_changes_only_the_trainable_units(regions_dir, tmp_path):
     params = tiny_params(trainable_layers=1)
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=1, num_workers=1))
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=1))
     metrics = _train(regions_dir, tmp_path / "no-features", tmp_path, params)
     assert metrics["epochs_run"] == 1 and 0 <= metrics["val_fg_accuracy"] <= 1
     model, meta = load_checkpoint(tmp_path / "model.pt")

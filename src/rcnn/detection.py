@@ -42,6 +42,8 @@ from rcnn.features import crop_features
 from rcnn.model import load_checkpoint
 from rcnn.params import Params
 from rcnn.proposals import load_proposals, proposal_file, selective_search
+from rcnn.region_boxes import ImageBoxes
+from rcnn.svm import svm_scores
 
 
 def postprocess_detections(boxes: np.ndarray, probs: np.ndarray, score_threshold: float = 0.05,
@@ -112,7 +114,8 @@ class Detector:
         return out
 
     def classify(self, crops: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """Softmax scores ``(N, C+1)`` and backbone features ``(N, D)`` of warped crops.
+        """Scores ``(N, C+1)`` (softmax, or the SVMs' of :mod:`rcnn.svm`) and backbone features ``(N, D)``
+        of warped crops.
 
         Features come from :func:`rcnn.features.crop_features`, the very numerics the head and
         the box regressor were trained on; the head then runs in float32.
@@ -120,8 +123,11 @@ class Detector:
         start = time.perf_counter()
         feats = torch.from_numpy(crop_features(self.model, crops, self.device, self.batch_size))
         with torch.inference_mode():
-            logits = self.model.classify_features(feats.to(self.device))
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            if self.meta.get("svm") is not None:
+                probs = svm_scores(self.meta["svm"], feats).numpy()
+            else:
+                logits = self.model.classify_features(feats.to(self.device))
+                probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
         self.timings.cnn += time.perf_counter() - start
         return probs, feats
 
@@ -154,6 +160,25 @@ class Detector:
         """
         for path, props in zip(tqdm(paths, desc=desc, unit="img"), proposals):
             yield self.detect(voc.read_image(path), props)
+
+
+def labelled_split_ap(detector: Detector, paths: Sequence[Path], items: Sequence[ImageBoxes],
+                      max_proposals: int | None = None) -> dict[str, float]:
+    """AP and AP07 of ``detector`` on the images at ``paths`` whose proposals and ground truth the regions
+    stage stored in ``items`` (each image's first ``max_proposals`` proposals; all when None): the training
+    loops' validation AP. An unreadable image counts with no detections (training warned about it)."""
+    found = {}
+    for path, item in zip(paths, items):
+        try:
+            found[item.image_id] = detector.detect(voc.read_image(path), item.proposals[:max_proposals])
+        except RcnnError:
+            continue
+    result = evaluate_detections(found, [item.annotation() for item in items], detector.classes)
+    return {"map": _finite(result.map), "map07": _finite(result.map07)}
+
+
+def _finite(value: float) -> float:
+    return value if value == value else 0.0
 
 
 # ---------------------------------------------------------------- evaluate stage

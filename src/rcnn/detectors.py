@@ -32,7 +32,7 @@ class Family:
 FAMILIES = {
     "rcnn": Family("rcnn", "crops", True, "rcnn.regions:run_regions_stage", "rcnn.training:run_train_stage",
                    "rcnn.detection:Detector"),
-    "fast_rcnn": Family("fast_rcnn", "boxes", False, "rcnn.region_boxes:run_box_regions_stage",
+    "fast_rcnn": Family("fast_rcnn", "boxes", False, "rcnn.regions:run_box_regions_stage",
                         "rcnn.fast_rcnn_training:run_train_stage", "rcnn.fast_rcnn:FastRCNNDetector"),
 }
 assert set(FAMILIES) == set(ARCHES)

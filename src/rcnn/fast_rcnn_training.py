@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.errors import RcnnError
-from rcnn.evaluation import evaluate_detections
+from rcnn.detection import labelled_split_ap
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
                             to_continuous)
 from rcnn.fileio import write_json
@@ -133,21 +133,7 @@ def validation_ap(model: FastRCNN, examples: list[Example], classes: Sequence[st
     """Detection AP on the validation images over every stored proposal, as the evaluate stage scores."""
     detector = FastRCNNDetector(model.eval(), {"classes": list(classes)}, device, VAL_SCORE_THRESHOLD, VAL_NMS_IOU,
                                 VAL_MAX_DETECTIONS)
-    found, annotations = {}, []
-    for ex in examples:
-        b = ex.boxes
-        annotations.append(voc.Annotation(b.image_id, b.width, b.height, b.gt_boxes, b.gt_labels, b.gt_difficult,
-                                          np.zeros(len(b.gt_labels), bool)))
-        try:
-            found[b.image_id] = detector.detect(voc.read_image(ex.path), b.proposals)
-        except RcnnError:
-            continue  # unreadable: warned about by the training loop; counts with no detections
-    result = evaluate_detections(found, annotations, classes)
-    return {"map": _finite(result.map), "map07": _finite(result.map07)}
-
-
-def _finite(value: float) -> float:
-    return value if value == value else 0.0
+    return labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples])
 
 
 def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Params, device: torch.device,

@@ -90,6 +90,7 @@ class ModelParams:
     dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
     hidden: int = field(default=512, metadata=_range(1))
     bbox_regression: bool = False
+    classifier: Literal["softmax", "svm"] = "softmax"
     image_size: int = field(default=480, metadata=_range(32, 2000))
     max_size: int = field(default=800, metadata=_range(32, 4000))
     roi_channels: int = field(default=128, metadata=_range(0, 4096))
@@ -107,7 +108,6 @@ class TrainParams:
     object_weight: float = field(default=2.0, metadata=_range(0, lo_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0))
     feature_batch_size: int = field(default=64, metadata=_range(1))
-    num_workers: int = field(default=2, metadata=_range(0, 64))
     bbox_iou: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))
     bbox_lambda: float = field(default=1000.0, metadata=_range(0))
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -119,6 +119,9 @@ class TrainParams:
     fg_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))
     bg_iou_low: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     image_sizes: list[int] = field(default_factory=list)
+    box_jitter: float = field(default=0.0, metadata=_range(0, 0.5))
+    hard_negative_rounds: int = field(default=0, metadata=_range(0, 10))
+    svm_c: float = field(default=0.001, metadata=_range(0, lo_open=True))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,15 @@
-"""Labelled proposals per image: the training regions of detectors that pool from a feature map.
+"""Labelled proposals per image: every proposal of a split, not a sample of warped crops.
 
-Fast R-CNN needs no warped crops: it runs the backbone on the whole image and pools each
-proposal from the feature map, drawing a fresh foreground/background sample every epoch. So for
-those detectors the regions stage stores, per image, *every* proposal with its label (class,
-0 background, -1 ignored: see :func:`rcnn.regions.label_candidates`) and the ground truth, in one
-``<dir>/<split>/boxes.npz`` per split (no pickles, loaded with ``allow_pickle=False``).
+Fast R-CNN pools each proposal from the image's feature map and R-CNN fine-tuning warps crops
+on the fly, both drawing a fresh foreground/background sample every epoch; hard-negative mining
+scores every background proposal. For them the regions stage stores, per image, *every*
+proposal with its label (class, 0 background, -1 ignored: see :func:`rcnn.regions.label_candidates`)
+and the ground truth, in one ``<dir>/<split>/boxes.npz`` per split (no pickles, loaded with
+``allow_pickle=False``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,7 @@ import numpy as np
 from rcnn import voc
 from rcnn.boxes import box_iou
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir, atomic_path, write_json
-from rcnn.params import Params
-from rcnn.regions import label_candidates, split_inputs
+from rcnn.fileio import atomic_path
 
 BOXES_FILE = "boxes.npz"
 
@@ -57,6 +54,12 @@ class ImageBoxes:
             near = box_iou(self.proposals, self.gt_boxes).max(axis=1) >= bg_iou_low
             keep &= (self.labels > 0) | near
         return self.proposals[keep], np.flatnonzero(keep_gt)
+
+
+    def annotation(self) -> voc.Annotation:
+        """The image's ground truth as the evaluator reads it (truncation is not stored: False)."""
+        return voc.Annotation(self.image_id, self.width, self.height, self.gt_boxes, self.gt_labels,
+                              self.gt_difficult, np.zeros(len(self.gt_labels), bool))
 
 
 def image_boxes(annotation: voc.Annotation, proposals: np.ndarray, labels: np.ndarray) -> ImageBoxes:
@@ -106,48 +109,3 @@ def load_boxes(path: str | Path) -> list[ImageBoxes]:
         raise RcnnError(f"{path} not found: run the regions stage with this model.arch") from None
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as err:
         raise RcnnError(f"{path} is not a valid labelled-boxes file ({err}); rerun the regions stage") from None
-
-
-def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path) -> tuple[dict, float]:
-    """Label every proposal of a split and write ``<out_dir>/<split>/boxes.npz``; returns its index entry."""
-    start = time.perf_counter()
-    annotations, proposals, skipped = split_inputs(params, root, proposals_dir, split)
-    # Ground truth is not appended here: the detector adds it to every image's sample itself.
-    settings = dataclasses.replace(params.regions, add_ground_truth=False)
-    items = [image_boxes(ann, proposals[ann.image_id], label_candidates(proposals[ann.image_id], ann, settings).labels)
-             for ann in annotations]
-    path = out_dir / split / BOXES_FILE
-    save_boxes(path, items)
-    labels = np.concatenate([i.labels for i in items]) if items else np.zeros(0, np.int64)
-    per_class = np.bincount(labels[labels > 0], minlength=params.num_classes)
-    entry = {"files": [path.relative_to(out_dir).as_posix()], "regions": int((labels >= 0).sum()),
-             "foreground": int((labels > 0).sum()), "background": int((labels == 0).sum()),
-             "ignored": int((labels < 0).sum()),
-             "per_class": {c: int(per_class[i + 1]) for i, c in enumerate(params.classes)},
-             "images": len(items), "skipped_images": len(skipped), "skipped_ids": skipped,
-             "bytes": path.stat().st_size}
-    return entry, time.perf_counter() - start
-
-
-def run_box_regions_stage(params: Params, voc_dir: str | Path = "data/voc",
-                          proposals_dir: str | Path = "data/proposals", out_dir: str | Path = "data/regions",
-                          metrics_path: str | Path = "metrics/regions.json") -> dict:
-    """Write labelled boxes and ``index.json`` for the train and val splits, and ``metrics/regions.json``."""
-    root = voc.find_voc_root(voc_dir)
-    r = params.regions
-    index = {"format": "boxes", "classes": list(params.classes), "fg_iou": r.fg_iou, "bg_iou": r.bg_iou,
-             "difficult_as_foreground": r.difficult_as_foreground, "proposals_mode": params.proposals.mode,
-             "splits": {}}
-    seconds = 0.0
-    with atomic_dir(out_dir) as tmp:
-        for split in dict.fromkeys([params.data.train_split, params.data.val_split]):
-            index["splits"][split], took = split_boxes(params, root, Path(proposals_dir), split, tmp)
-            seconds += took
-        write_json(tmp / "index.json", index)
-    entries = index["splits"].values()
-    metrics = {"format": "boxes",
-               "splits": {s: {k: v for k, v in e.items() if k != "files"} for s, e in index["splits"].items()},
-               **{key: sum(e[key] for e in entries) for key in ("regions", "foreground", "background", "bytes")},
-               "seconds": round(seconds, 3)}
-    write_json(metrics_path, metrics)
-    return metrics

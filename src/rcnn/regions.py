@@ -9,11 +9,14 @@ foreground, with a generator seeded by (seed, image id): independent of order an
 Storage: ``<dir>/<split>/shard-00000.pkl`` ... (``shard_size`` regions each) and ``<dir>/index.json``.
 Crops are stored JPEG-encoded (quality 95, 4:4:4) in one byte buffer per shard, about 8x smaller
 than raw pixels; :func:`iter_shards` decodes them. Read regions only through :func:`read_index`
-and :func:`iter_shards`.
+and :func:`iter_shards`. Every labelled proposal of each split also goes to ``<dir>/<split>/boxes.npz``
+(:mod:`rcnn.region_boxes`; ``index["labelled_boxes"]``), which R-CNN fine-tuning and hard-negative
+mining draw from; Fast R-CNN's regions stage (:func:`run_box_regions_stage`) writes only those.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 import zlib
@@ -33,6 +36,7 @@ from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, load_pickle, read_json, write_json, write_pickle
 from rcnn.params import Params, RegionParams
 from rcnn.proposals import load_proposals, proposal_file
+from rcnn.region_boxes import BOXES_FILE, image_boxes, save_boxes
 
 IGNORE = -1  # label of proposals that are neither foreground nor background
 JPEG_QUALITY = 95
@@ -195,6 +199,16 @@ def read_index(regions_dir: str | Path, region_format: str = "crops") -> dict:
     return index
 
 
+def region_settings(regions_dir: str | Path) -> RegionParams:
+    """The ``regions.*`` params the crop regions in ``regions_dir`` were made with (what the train
+    stage must sample, warp and label the same way; read from the data, not params.yaml)."""
+    path = Path(regions_dir) / "index.json"
+    try:
+        return RegionParams(**read_index(regions_dir)["settings"])
+    except (KeyError, TypeError):
+        raise RcnnError(f"{path} does not record its regions settings: rerun the regions stage (dvc repro)") from None
+
+
 def iter_shards(regions_dir: str | Path, split: str) -> Iterator[dict]:
     """Shards of a split in order, each ``{"crops": (N,S,S,3) uint8 RGB, "labels", "image_ids", "boxes",
     "gt_boxes", "ious"}``."""
@@ -276,12 +290,19 @@ def run_regions_stage(params: Params, voc_dir: str | Path = "data/voc", proposal
     r = params.regions
     index = {"format": "crops", "crop_size": r.crop_size, "context": r.context, "classes": list(params.classes),
              "encoding": f"jpeg{JPEG_QUALITY}-444", "proposals_mode": params.proposals.mode, "seed": params.seed,
-             "splits": {}}
+             "settings": dataclasses.asdict(r), "splits": {}}
     seconds = 0.0
     with atomic_dir(out_dir) as tmp:
         for split in splits:
             entry, took = _split_regions(params, root, Path(proposals_dir), split, tmp, tmp, n_jobs)
             index["splits"][split] = entry
+            seconds += took
+        # Every labelled proposal: fine-tuning and hard-negative mining draw from the training split's,
+        # fine-tuning's validation AP scores the validation split's.
+        index["labelled_boxes"] = {}
+        for split in splits:
+            boxes_entry, took = split_boxes(params, root, Path(proposals_dir), split, tmp)
+            index["labelled_boxes"][split] = boxes_entry["files"][0]
             seconds += took
         write_json(tmp / "index.json", index)
     read_n, read_s = 0, 0.0
@@ -305,5 +326,52 @@ def run_regions_stage(params: Params, voc_dir: str | Path = "data/voc", proposal
         "encoding": index["encoding"],
         "n_jobs": joblib.effective_n_jobs(n_jobs),
     }
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- labelled boxes (no crops)
+
+def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path) -> tuple[dict, float]:
+    """Label every proposal of a split and write ``<out_dir>/<split>/boxes.npz``; returns its index entry."""
+    start = time.perf_counter()
+    annotations, proposals, skipped = split_inputs(params, root, proposals_dir, split)
+    # Ground truth is not appended here: the detector adds it to every image's sample itself.
+    settings = dataclasses.replace(params.regions, add_ground_truth=False)
+    items = [image_boxes(ann, proposals[ann.image_id], label_candidates(proposals[ann.image_id], ann, settings).labels)
+             for ann in annotations]
+    path = out_dir / split / BOXES_FILE
+    save_boxes(path, items)
+    labels = np.concatenate([i.labels for i in items]) if items else np.zeros(0, np.int64)
+    per_class = np.bincount(labels[labels > 0], minlength=params.num_classes)
+    entry = {"files": [path.relative_to(out_dir).as_posix()], "regions": int((labels >= 0).sum()),
+             "foreground": int((labels > 0).sum()), "background": int((labels == 0).sum()),
+             "ignored": int((labels < 0).sum()),
+             "per_class": {c: int(per_class[i + 1]) for i, c in enumerate(params.classes)},
+             "images": len(items), "skipped_images": len(skipped), "skipped_ids": skipped,
+             "bytes": path.stat().st_size}
+    return entry, time.perf_counter() - start
+
+
+def run_box_regions_stage(params: Params, voc_dir: str | Path = "data/voc",
+                          proposals_dir: str | Path = "data/proposals", out_dir: str | Path = "data/regions",
+                          metrics_path: str | Path = "metrics/regions.json") -> dict:
+    """Write labelled boxes and ``index.json`` for the train and val splits, and ``metrics/regions.json``."""
+    root = voc.find_voc_root(voc_dir)
+    r = params.regions
+    index = {"format": "boxes", "classes": list(params.classes), "fg_iou": r.fg_iou, "bg_iou": r.bg_iou,
+             "difficult_as_foreground": r.difficult_as_foreground, "proposals_mode": params.proposals.mode,
+             "splits": {}}
+    seconds = 0.0
+    with atomic_dir(out_dir) as tmp:
+        for split in dict.fromkeys([params.data.train_split, params.data.val_split]):
+            index["splits"][split], took = split_boxes(params, root, Path(proposals_dir), split, tmp)
+            seconds += took
+        write_json(tmp / "index.json", index)
+    entries = index["splits"].values()
+    metrics = {"format": "boxes",
+               "splits": {s: {k: v for k, v in e.items() if k != "files"} for s, e in index["splits"].items()},
+               **{key: sum(e[key] for e in entries) for key in ("regions", "foreground", "background", "bytes")},
+               "seconds": round(seconds, 3)}
     write_json(metrics_path, metrics)
     return metrics
