@@ -6,7 +6,8 @@ from rcnn.params import load_params
 
 def main() -> None:
     params = load_params()
-    features.run_features_stage(params, regions_dir="data/regions", out_dir="data/features")
+    features.run_features_stage(params, regions_dir="data/regions", out_dir="data/features",
+                                metrics_path="metrics/features.json")
 
 
 if __name__ == "__main__":

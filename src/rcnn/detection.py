@@ -285,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = _parse_args(argv)
         if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or args.max_proposals < 1 or args.max_detections < 1:
             raise RcnnError("--score must be in [0, 1), --nms in (0, 1], --max-proposals and --max-detections >= 1")
+        if args.max_side < 32:
+            raise RcnnError(f"--max-side {args.max_side} is invalid: selective search needs at least 32 pixels "
+                            f"(default 500)")
+        if args.out is not None and args.out.is_dir():
+            raise RcnnError(f"--out {args.out} is a folder: name the image file to write, e.g. {args.out / 'out.jpg'}")
         image = voc.read_image(args.image)
         detector = load_detector(args.checkpoint, args.device, score_threshold=args.score, nms_iou=args.nms,
                                  max_detections=args.max_detections)

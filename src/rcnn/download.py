@@ -7,8 +7,11 @@ requested splits, each cut to ``data.max_images`` sorted ids, so later stages se
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import http.client
+import lzma
 import os
 import shutil
 import sys
@@ -18,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir
+from rcnn.fileio import atomic_dir, write_json
 from rcnn.params import DataParams
 
 # Official VOC2007 archives and their MD5s (the same values torchvision's VOCDetection checks).
@@ -177,8 +181,38 @@ def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> None:
         raise RcnnError(f"{archive}: refusing to extract {member.name!r}: device, FIFO or other special file")
 
 
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+def verify_archive(archive: Path) -> None:
+    """Check an archive's integrity end to end before anything from it is kept: every zip member's
+    CRC, or a compressed tar's whole stream with the checksum at its end (tar extraction alone stops
+    at the end-of-archive marker and never reads it)."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise RcnnError(f"{archive}: member {bad!r} is corrupt (CRC mismatch); download or copy the "
+                                f"archive again")
+            return
+        with open(archive, "rb") as fh:
+            magic = fh.read(6)
+        opener = next((open_ for prefix, open_ in _COMPRESSED if magic.startswith(prefix)), None)
+        if opener is None:
+            return  # a plain tar has no data checksums; downloads are verified by MD5
+        with opener(archive, "rb") as stream:
+            with tqdm(desc=f"verify {archive.name}", unit="B", unit_scale=True) as bar:
+                while chunk := stream.read(1 << 20):
+                    bar.update(len(chunk))
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, zipfile.BadZipFile) as err:
+        raise RcnnError(f"{archive}: corrupt or truncated archive ({err}); download or copy it again") from None
+
+
 def safe_extract(archive: Path, target: Path) -> None:
-    """Extract a .tar(.gz)/.tgz/.zip into ``target`` after checking every member is harmless."""
+    """Extract a .tar(.gz)/.tgz/.zip into ``target`` after verifying it (:func:`verify_archive`) and
+    checking every member is harmless."""
+    verify_archive(archive)
     target.mkdir(parents=True, exist_ok=True)
     try:
         if archive.name.lower().endswith(".zip"):
@@ -259,6 +293,7 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
         if out_dir.resolve() in (root.resolve(), *root.resolve().parents):
             raise RcnnError(f"data.source = {data.source!r} is inside the output {out_dir}: point it at a copy")
         with atomic_dir(out_dir) as tmp:
+            write_json(tmp / voc.SOURCE_FILE, {"kind": "folder", "source": data.source, "root": str(root.resolve())})
             return _build_subset(root, tmp / "VOC2007", data.splits, data.max_images, shutil.copyfile)
     elif source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES):
         archives = [source]
@@ -273,6 +308,8 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
         for archive in archives:
             safe_extract(archive, staging)
         with atomic_dir(out_dir) as tmp:
+            if data.source != "download":
+                write_json(tmp / voc.SOURCE_FILE, {"kind": "archive", "source": str(source.resolve())})
             # staging sits next to out_dir (same file system) and is thrown away: move, don't copy
             return _build_subset(voc.find_voc_root(staging), tmp / "VOC2007", data.splits, data.max_images,
                                  os.replace)

@@ -8,6 +8,7 @@ so labels stay readable on any background.
 from __future__ import annotations
 
 import colorsys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -128,13 +129,20 @@ def run_render_stage(params: Params, voc_dir: str | Path = "data/voc",
     p = params.render
     found = load_detections(Path(detections_dir) / "detections.npz")
     root = voc.find_voc_root(voc_dir)
-    ids = sorted(found.detections)[:p.num_images]
+    ids = sorted(found.detections)
     if not ids:
         raise RcnnError(f"{detections_dir}: no evaluated images to render")
     written, rendered = [], []
-    with atomic_dir(out_dir) as tmp:
-        for image_id in tqdm(ids, desc="render", unit="img"):
-            image = voc.read_image(voc.image_path(root, image_id))
+    with atomic_dir(out_dir) as tmp, tqdm(total=min(p.num_images, len(ids)), desc="render", unit="img") as bar:
+        for image_id in ids:
+            if len(rendered) == p.num_images:
+                break
+            try:
+                image = voc.read_image(voc.image_path(root, image_id))
+            except RcnnError as err:  # skipped by every earlier stage too: draw the next image instead
+                warnings.warn(f"skipping image {image_id}: {err}", RuntimeWarning, stacklevel=2)
+                continue
+            bar.update()
             gt_boxes = gt_labels = None
             if p.show_ground_truth:
                 ann = voc.parse_annotation(voc.annotation_path(root, image_id), found.classes, on_bad="skip",
@@ -145,6 +153,8 @@ def run_render_stage(params: Params, voc_dir: str | Path = "data/voc",
             write_image(tmp / f"{image_id}.jpg", drawn)
             rendered.append(drawn)
             written.append(Path(out_dir) / f"{image_id}.jpg")
+        if not rendered:
+            raise RcnnError(f"none of the {len(ids)} evaluated images in {root / 'JPEGImages'} is readable")
         write_image(tmp / "grid.jpg", make_grid(rendered, p.grid_columns))
     return written + [Path(out_dir) / "grid.jpg"]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from rcnn.boxes import box_iou
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_path, write_json
+from rcnn.fileio import atomic_path, load_npz, write_json
 from rcnn.voc import Annotation
 
 
@@ -249,18 +249,16 @@ def save_detections(path: str | Path, split: str, classes: Sequence[str],
 
 def load_detections(path: str | Path) -> DetectionFile:
     """Read a file written by :func:`save_detections`; a missing or damaged file is a user error."""
-    path = Path(path)
+    data = load_npz(path, "detections", "evaluate")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            offsets = data["offsets"]
-            boxes, scores, labels = data["boxes"], data["scores"], data["labels"]
-            ids = [str(i) for i in data["image_ids"]]
-            out = {i: Detections(boxes[a:b], scores[a:b], labels[a:b])
-                   for i, a, b in zip(ids, offsets[:-1], offsets[1:])}
-            return DetectionFile(str(data["split"]), [str(c) for c in data["classes"]], out)
-    except FileNotFoundError:
-        raise RcnnError(f"{path} not found: run the evaluate stage first") from None
-    except (KeyError, ValueError, OSError) as err:
+        offsets = data["offsets"]
+        boxes, scores, labels = data["boxes"], data["scores"], data["labels"]
+        ids = [str(i) for i in data["image_ids"]]
+        if len(offsets) != len(ids) + 1 or not len(boxes) == len(scores) == len(labels) == offsets[-1]:
+            raise ValueError("offsets and arrays disagree")
+        out = {i: Detections(boxes[a:b], scores[a:b], labels[a:b]) for i, a, b in zip(ids, offsets[:-1], offsets[1:])}
+        return DetectionFile(str(data["split"]), [str(c) for c in data["classes"]], out)
+    except (KeyError, ValueError, TypeError, IndexError) as err:
         raise RcnnError(f"{path} is not a valid detections file ({err}); rerun the evaluate stage") from None
 
 

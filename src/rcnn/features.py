@@ -19,7 +19,7 @@ from tqdm import tqdm
 from rcnn import regions
 from rcnn.detectors import family
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir, read_json, write_json
+from rcnn.fileio import atomic_dir, load_npz, read_json, write_json
 from rcnn.model import RegionClassifier, build_model, inference_autocast, inference_dtype, preprocess, \
     select_device, use_channels_last
 from rcnn.params import Params
@@ -63,8 +63,10 @@ def feature_splits(params: Params) -> list[str]:
 
 
 def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
-                       out_dir: str | Path = "data/features") -> dict[str, Any]:
-    """Write ``<out_dir>/<split>.npz`` for the train and val splits and ``info.json``; returns the info."""
+                       out_dir: str | Path = "data/features",
+                       metrics_path: str | Path | None = None) -> dict[str, Any]:
+    """Write ``<out_dir>/<split>.npz`` for the train and val splits and ``info.json`` (what the cache
+    holds: the same bytes for the same inputs) and the timing to ``metrics_path``; returns both."""
     out_dir = Path(out_dir)
     m = params.model
     info: dict[str, Any] = {"backbone": m.backbone, "weights": m.weights, "trainable_layers": m.trainable_layers,
@@ -72,13 +74,11 @@ def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
     if not family(m.arch).caches_features:
         info.update(arch=m.arch, cached=False, reason=f"model.arch = {m.arch}: the detector computes its features "
                     "from whole images while it trains, so there is nothing to cache")
-        _replace_folder(out_dir, {}, info)
-        return info
+        return _finish(out_dir, {}, info, {}, metrics_path)
     if m.trainable_layers > 0:
         info.update(cached=False, reason=f"model.trainable_layers = {m.trainable_layers}: the backbone is "
                     "fine-tuned, so its features change during training and the train stage reads crops instead")
-        _replace_folder(out_dir, {}, info)
-        return info
+        return _finish(out_dir, {}, info, {}, metrics_path)
     index = regions.read_index(regions_dir)
     device = select_device(params.train.device)
     model = build_model(params).to(device).eval()
@@ -90,21 +90,25 @@ def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     info.update(cached=True, dim=model.feature_dim, splits=counts, crop_size=index.get("crop_size"),
-                context=index.get("context"), device=str(device), threads=torch.get_num_threads(),
-                channels_last=use_channels_last(device),
+                context=index.get("context"), device=str(device), channels_last=use_channels_last(device),
                 precision=str(inference_dtype(device)).removeprefix("torch."),
-                batch_size=params.train.feature_batch_size, seconds=round(seconds, 2),
-                regions_per_second=round(total / seconds, 1) if seconds > 0 else None)
-    _replace_folder(out_dir, arrays, info)
-    return info
+                batch_size=params.train.feature_batch_size)
+    timing = {"seconds": round(seconds, 2), "threads": torch.get_num_threads(),
+              "regions_per_second": round(total / seconds, 1) if seconds > 0 else None}
+    return _finish(out_dir, arrays, info, timing, metrics_path)
 
 
-def _replace_folder(out_dir: Path, arrays: dict[str, dict[str, np.ndarray]], info: dict[str, Any]) -> None:
-    """Swap in the new feature folder in one step, so a crash never leaves a half-written cache."""
+def _finish(out_dir: Path, arrays: dict[str, dict[str, np.ndarray]], info: dict[str, Any], timing: dict[str, Any],
+            metrics_path: str | Path | None) -> dict[str, Any]:
+    """Swap in the new feature folder in one step (a crash never leaves a half-written cache), then write
+    the timing apart from it, so the folder DVC hashes is identical for identical inputs."""
     with atomic_dir(out_dir) as tmp:
         for split, data in arrays.items():
             np.savez(tmp / f"{split}.npz", **data)
         write_json(tmp / "info.json", info)
+    if metrics_path is not None:
+        write_json(metrics_path, {"cached": info["cached"], **timing})
+    return {**info, **timing}
 
 
 def read_info(features_dir: str | Path) -> dict[str, Any]:
@@ -112,17 +116,24 @@ def read_info(features_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(features_dir) / "info.json", "features")
 
 
-def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """The cached arrays of ``split`` (``features`` float32 (N,D) and the per-region arrays)."""
+def load_features(features_dir: str | Path, split: str, num_classes: int | None = None) -> dict[str, np.ndarray]:
+    """The cached arrays of ``split`` (``features`` float32 (N,D) and the per-region arrays); with
+    ``num_classes``, labels outside ``0..num_classes-1`` make the file invalid."""
     path = Path(features_dir) / f"{split}.npz"
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in ("features", *REGION_KEYS)}
-    except FileNotFoundError:
-        raise RcnnError(f"{path} not found: run the features stage (with model.trainable_layers = 0)") from None
-    except (OSError, ValueError, KeyError, EOFError) as err:
-        raise RcnnError(f"{path} is not a valid features file ({err}); rerun the features stage") from None
-    if arrays["features"].ndim != 2 or len(arrays["features"]) != len(arrays["labels"]):
-        raise RcnnError(f"{path} is not a valid features file (features and labels disagree); "
-                        f"rerun the features stage")
+    if not path.is_file():
+        raise RcnnError(f"{path} not found: run the features stage (with model.trainable_layers = 0)")
+    data = load_npz(path, "features", "features")
+    invalid = f"{path} is not a valid features file"
+    missing = [key for key in ("features", *REGION_KEYS) if key not in data]
+    if missing:
+        raise RcnnError(f"{invalid} (no {missing[0]!r} array); rerun the features stage")
+    arrays = {key: data[key] for key in ("features", *REGION_KEYS)}
+    if arrays["features"].ndim != 2 or any(len(arrays[key]) != len(arrays["features"]) for key in REGION_KEYS):
+        raise RcnnError(f"{invalid} (features and labels disagree); rerun the features stage")
+    labels = arrays["labels"]
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise RcnnError(f"{invalid} (labels outside 0..{num_classes - 1}: the regions were made for other "
+                        f"classes); rerun the regions and features stages")
+    if not np.isfinite(arrays["features"]).all():
+        raise RcnnError(f"{invalid} (non-finite features); rerun the features stage")
     return arrays

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from rcnn.errors import RcnnError
 
 
@@ -80,6 +82,21 @@ def read_json(path: str | Path, stage: str) -> Any:
         raise RcnnError(f"{path} is not valid JSON ({err}); rerun the {stage} stage") from None
 
 
+def load_npz(path: str | Path, what: str, stage: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` another stage wrote (``allow_pickle=False``). A missing, truncated or
+    otherwise unreadable file is one :class:`RcnnError` saying which stage to (re)run; whatever the
+    damage (a cut zip, a corrupt member, a huge or bogus header), nothing is half-loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise RcnnError(f"{path} not found: run the {stage} stage first")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes is the same user error
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RcnnError(f"{path} is not a valid {what} file ({reason}); rerun the {stage} stage") from None
+
+
 def write_pickle(path: str | Path, obj: Any) -> None:
     """Pickle ``obj`` atomically; only numpy arrays and plain containers will load back (see load_pickle)."""
     write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
@@ -118,5 +135,7 @@ def load_pickle(path: str | Path) -> Any:
             return _RestrictedUnpickler(fh).load()
     except FileNotFoundError:
         raise RcnnError(f"{path} not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise RcnnError(f"{path} is not a valid region pickle ({err}); rerun the stage that writes it") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RcnnError(f"{path} is not a valid region pickle ({reason}); rerun the stage that writes it") from None

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +70,7 @@ def _safe_load(path: Path, missing: str, unreadable: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RcnnError(missing) from None
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - bytes that are not a torch zip fail in many ways (KeyError, IndexError, ...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RcnnError(unreadable.replace("{reason}", reason)) from None
 
@@ -332,11 +330,41 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     payload = read_checkpoint(path) if payload is None else payload
     meta = payload["meta"]
     try:
+        _check_meta(meta)
         model = RegionClassifier(meta["backbone"], len(meta["classes"]), weights="none", hidden=meta["hidden"],
                                  dropout=meta["dropout"], trainable_layers=meta["trainable_layers"])
         model.load_state_dict(payload["state_dict"], strict=True)
-    except (KeyError, RuntimeError) as err:
-        reason = str(err).splitlines()[0]
+    except (KeyError, TypeError, ValueError, RuntimeError, RcnnError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RcnnError(f"checkpoint {path} does not match its own description ({reason}); "
                         f"rerun the train stage") from None
     return model.to(device).eval(), meta
+
+
+def _is_int(value: Any, lo: int, hi: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """Raise ValueError naming the first field of an R-CNN checkpoint's meta that cannot be right."""
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError("classes must be a non-empty list of names")
+    checks = {"hidden": _is_int(meta["hidden"], 1, 1 << 16), "trainable_layers": _is_int(meta["trainable_layers"], 0),
+              "crop_size": _is_int(meta["crop_size"], 32, 1024),
+              "context": _is_int(meta["context"], 0) and 2 * meta["context"] < meta["crop_size"],
+              "dropout": isinstance(meta["dropout"], float) and 0 <= meta["dropout"] < 1,
+              "backbone": isinstance(meta["backbone"], str)}
+    bad = next((name for name, ok in checks.items() if not ok), None)
+    if bad is not None:
+        raise ValueError(f"{bad} = {meta[bad]!r} is invalid")
+    k, dim = len(classes), meta.get("feature_dim")
+    for name, shapes in (("svm", {"weight": (k, dim), "bias": (k,), "scale": ()}),
+                         ("bbox_regressor", None)):
+        value = meta.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
+            raise ValueError(f"{name} must be a mapping of tensors")
+        if shapes and any(key not in value or tuple(value[key].shape) != shape for key, shape in shapes.items()):
+            raise ValueError(f"{name} has the wrong shapes for {k} classes of {dim}-d features")

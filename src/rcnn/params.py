@@ -8,6 +8,7 @@ with one line naming the key, the value and what is allowed (exit code 2, no tra
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,9 +211,15 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 value = float(value)
             except ValueError:
                 raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ParamError(f"{key} = {value!r} is invalid: expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str) or not value:
             raise bad
@@ -302,11 +309,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; missing keys take their documented defaults."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ParamError(f"{path} not found: run from the project root or pass the params file") from None
     except yaml.YAMLError as err:
         raise ParamError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise ParamError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
+        raise ParamError(f"{path} cannot be read ({err.strerror or err})") from None
     return from_dict(raw)
 
 

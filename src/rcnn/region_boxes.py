@@ -10,7 +10,6 @@ and the ground truth, in one ``<dir>/<split>/boxes.npz`` per split (no pickles, 
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,7 @@ import numpy as np
 from rcnn import voc
 from rcnn.boxes import box_iou
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_path
+from rcnn.fileio import atomic_path, load_npz
 
 BOXES_FILE = "boxes.npz"
 
@@ -95,17 +94,13 @@ def save_boxes(path: str | Path, items: Sequence[ImageBoxes]) -> None:
 
 def load_boxes(path: str | Path) -> list[ImageBoxes]:
     """The labelled boxes of a split written by :func:`save_boxes`, in image-id order."""
-    path = Path(path)
+    a = load_npz(path, "labelled-boxes", "regions")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            a = {key: data[key] for key in data.files}
         p_off, g_off = a["proposal_offsets"], a["gt_offsets"]
         return [ImageBoxes(str(image_id), int(w), int(h),
                            a["proposals"][p_off[k]:p_off[k + 1]].reshape(-1, 4), a["labels"][p_off[k]:p_off[k + 1]],
                            a["gt_boxes"][g_off[k]:g_off[k + 1]].reshape(-1, 4), a["gt_labels"][g_off[k]:g_off[k + 1]],
                            a["gt_difficult"][g_off[k]:g_off[k + 1]])
                 for k, (image_id, (w, h)) in enumerate(zip(a["image_ids"], a["sizes"]))]
-    except FileNotFoundError:
-        raise RcnnError(f"{path} not found: run the regions stage with this model.arch") from None
-    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as err:
+    except (ValueError, KeyError, IndexError, TypeError) as err:
         raise RcnnError(f"{path} is not a valid labelled-boxes file ({err}); rerun the regions stage") from None

@@ -192,7 +192,9 @@ def read_index(regions_dir: str | Path, region_format: str = "crops") -> dict:
     classes, encoding, splits -> shards and counts; "boxes": see :mod:`rcnn.region_boxes`)."""
     path = Path(regions_dir) / "index.json"
     index = read_json(path, "regions")
-    found = index.get("format", "crops") if isinstance(index, dict) else None
+    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
+        raise RcnnError(f"{path} is not a regions index (no 'splits' mapping); rerun the regions stage (dvc repro)")
+    found = index.get("format", "crops")
     if found != region_format:
         raise RcnnError(f"{path} describes regions of format {found!r}, not {region_format!r}: the regions "
                         f"stage ran for another model.arch; rerun it (dvc repro)")

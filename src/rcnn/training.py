@@ -304,8 +304,8 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         if model.frozen:
             _check_features_info(features_mod.read_info(features_dir), params, features_dir)
-            train = features_mod.load_features(features_dir, train_split)
-            val = features_mod.load_features(features_dir, val_split)
+            train = features_mod.load_features(features_dir, train_split, params.num_classes)
+            val = features_mod.load_features(features_dir, val_split, params.num_classes)
             if train["features"].shape[1] != model.feature_dim:
                 raise RcnnError(f"{features_dir / (train_split + '.npz')} has {train['features'].shape[1]}-d "
                                 f"features, {m.backbone} gives {model.feature_dim}: rerun the features stage")

@@ -9,6 +9,7 @@ Boxes come back as 0-based inclusive corners (see :mod:`rcnn.boxes`), clipped to
 
 from __future__ import annotations
 
+import json
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -63,6 +64,30 @@ def _flag(node: ET.Element, tag: str, path: Path) -> bool:
     return _number(node, tag, path) != 0
 
 
+SOURCE_FILE = "source.json"  # the download stage's note, next to its VOC2007 copy, of where the data came from
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as messages show it: when it is the download stage's copy, with the user's own file
+    (or archive) it came from, which is the one to fix."""
+    path = Path(path)
+    for parent in path.parents:
+        note = parent / SOURCE_FILE
+        if not note.is_file():
+            continue
+        try:
+            info = json.loads(note.read_text(encoding="utf-8"))
+            relative = path.relative_to(parent / "VOC2007")
+        except (ValueError, OSError):
+            break
+        if info.get("kind") == "folder":
+            return f"{path} (copied from {Path(info['root']) / relative})"
+        if info.get("kind") == "archive":
+            return f"{path} (extracted from {info['source']})"
+        break
+    return str(path)
+
+
 def parse_annotation(path: str | Path, classes: Sequence[str],
                      on_bad: Literal["error", "skip"] = "error",
                      image_size: tuple[int, int] | None = None) -> Annotation:
@@ -70,8 +95,16 @@ def parse_annotation(path: str | Path, classes: Sequence[str],
 
     ``on_bad="skip"`` drops objects of unknown classes or with unusable boxes with a warning
     instead of raising. ``image_size`` (width, height) is used when ``<size>`` is missing or zero.
+    Messages name the user's own file where ``path`` is the download stage's copy (:func:`shown`).
     """
-    path = Path(path)
+    try:
+        return _parse_annotation(Path(path), classes, on_bad, image_size)
+    except AnnotationError as err:
+        raise AnnotationError(str(err).replace(str(path), shown(path), 1)) from None
+
+
+def _parse_annotation(path: Path, classes: Sequence[str], on_bad: Literal["error", "skip"],
+                      image_size: tuple[int, int] | None) -> Annotation:
     try:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
@@ -104,7 +137,7 @@ def parse_annotation(path: str | Path, classes: Sequence[str],
         except AnnotationError as err:
             if on_bad == "error":
                 raise
-            warnings.warn(f"skipping object: {err}", stacklevel=2)
+            warnings.warn(f"skipping object: {str(err).replace(str(path), shown(path), 1)}", stacklevel=3)
             continue
         boxes.append((x1, y1, x2, y2))
         labels.append(class_index[name])
@@ -146,11 +179,30 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image as BGR uint8; a missing or undecodable file raises :class:`RcnnError`."""
     path = Path(path)
     if not path.is_file():
-        raise RcnnError(f"{path}: image not found")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        raise RcnnError(f"{shown(path)}: image not found")
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as err:
+        raise RcnnError(f"{shown(path)}: cannot read the image ({err.strerror or err})") from None
+    if not image_is_complete(data):
+        raise RcnnError(f"{shown(path)}: truncated image (its end marker is missing)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if len(data) else None
     if image is None or image.size == 0:
-        raise RcnnError(f"{path}: not a decodable image")
+        raise RcnnError(f"{shown(path)}: not a decodable image")
     return image
+
+
+def image_is_complete(data: np.ndarray) -> bool:
+    """False for a JPEG or PNG whose end marker is missing: OpenCV decodes such a file partially
+    (grey below the cut) with only a libjpeg warning on stderr, so it would be used silently.
+    In JPEG entropy-coded data 0xFF is always escaped, so an end-of-image marker near the end can
+    only be the real one. Other formats are left to the decoder."""
+    head, tail = bytes(data[:8]), bytes(data[-1024:])
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" in tail
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in tail[-64:]
+    return True
 
 
 def is_voc_root(path: str | Path) -> bool:
