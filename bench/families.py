@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -178,16 +177,36 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/families.py", description=__doc__.split("\n\n")[0])
+def dataset_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options every bench comparing configurations on one dataset shares."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("voc_dir", type=Path)
     parser.add_argument("--classes", nargs="+", required=True)
     parser.add_argument("--weights", default="imagenet", help="imagenet | none | a local .pth (default imagenet)")
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--split", default="test", help="evaluated split (default test)")
-    parser.add_argument("--presets", nargs="*", default=["rcnn-best", "fast-rcnn"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="params applied after the presets, e.g. train.epochs=2 (YAML values)")
+                        help="params applied to every configuration last, e.g. train.epochs=2 (YAML values)")
+    return parser
+
+
+def dataset_params(args: argparse.Namespace, presets_names: Sequence[str], options: dict[str, object]) -> dict:
+    """The params mapping for ``args``' dataset with presets, then ``options``, then ``--set`` applied."""
+    base = {"classes": args.classes, "data": {"source": str(args.voc_dir.resolve()),
+                                              "splits": sorted({"train", "val", args.split})},
+            "evaluate": {"split": args.split}}
+    raw = presets.apply(base, presets_names)
+    for key, value in {**options, "model.backbone": args.backbone, "model.weights": args.weights}.items():
+        set_dotted(raw, key, value)
+    for option in args.set:
+        key, _, value = option.partition("=")
+        set_dotted(raw, key, yaml.safe_load(value))
+    return raw
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = dataset_parser("bench/families.py", __doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="*", default=["rcnn-best", "fast-rcnn"])
     parser.add_argument("--peer-epochs", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "families")
@@ -196,17 +215,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    base = {"classes": args.classes, "data": {"source": str(args.voc_dir.resolve()),
-                                              "splits": sorted({"train", "val", args.split})},
-            "model": {"backbone": args.backbone, "weights": args.weights}, "evaluate": {"split": args.split}}
+    base = dataset_params(args, [], {})
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-families-") as tmp:
         for name in args.presets:
-            raw = presets.apply(base, [name])
-            raw["model"]["backbone"], raw["model"]["weights"] = args.backbone, args.weights
-            for option in args.set:
-                key, _, value = option.partition("=")
-                set_dotted(raw, key, yaml.safe_load(value))
+            raw = dataset_params(args, [name], {})
             work = Path(tmp) / name
             work.mkdir()
             with contextlib.chdir(work):
@@ -218,16 +231,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 rows["faster_rcnn"] = peer(params, Path(tmp) / "peer", args.peer_epochs)
             else:
                 rows["faster_rcnn"] = peer(params, Path(tmp) / args.presets[0], args.peer_epochs)
+    return write_results(args, rows, markdown)
+
+
+def write_results(args: argparse.Namespace, rows: dict[str, dict], table: Callable[[dict], str]) -> dict[str, Any]:
+    """``results.json`` (rows, dataset, options, environment) and ``results.md`` (``table(results)``) in
+    ``args.out``; the table is printed too."""
     results = {"rows": rows, "dataset": str(args.voc_dir), "classes": args.classes, "split": args.split,
-               "backbone": args.backbone, "weights": args.weights,
+               "backbone": args.backbone, "weights": args.weights, "set": args.set,
                "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
                                "cpu_count": os.cpu_count(), "machine": platform.machine()}}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
     with atomic_path(args.out / "results.md") as path:
-        path.write_text(markdown(results))
-    print(markdown(results))
+        path.write_text(table(results))
+    print(table(results))
     return results
 
 

@@ -90,3 +90,25 @@ def test_families_bench_compares_fast_rcnn_with_the_faster_rcnn_peer(tmp_path, s
     assert rows["fast-rcnn"]["pipeline_seconds"] >= rows["fast-rcnn"]["train_seconds"]
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 3 and table[0].startswith("| detector | AP07 | AP |")
+
+
+ABLATION = Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
+
+
+def test_ablation_bench_scores_each_row_with_and_without_box_regression(tmp_path, synthetic_voc):
+    out = tmp_path / "ablation"
+    tiny = ["model.hidden=16", "regions.crop_size=64", "train.epochs=1",
+            "proposals.max_proposals=100", "evaluate.max_proposals=50"]
+    proc = subprocess.run([sys.executable, str(ABLATION), str(synthetic_voc), "--classes", "car", "dog", "person",
+                           "--backbone", "resnet18", "--weights", "none", "--split", "val",
+                           "--rows", "frozen", "fine-tuned + hard negatives", "--set", *tiny, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert list(rows) == ["frozen", "fine-tuned + hard negatives"]
+    for row in rows.values():
+        assert 0 <= row["map07"] <= 1 and 0 <= row["plain"]["map07"] <= 1
+        assert row["pipeline_seconds"] >= row["train_seconds"] > 0
+    assert "train.hard_negative_rounds=1" in rows["fine-tuned + hard negatives"]["options"]
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 4 and "no box regression" in table[0]

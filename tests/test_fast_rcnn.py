@@ -13,7 +13,7 @@ from rcnn import voc
 from rcnn.detection import run_evaluate_stage
 from rcnn.detectors import family, load_detector, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
-from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, RoIAlignPool, save_fast_rcnn, to_continuous
+from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, RoIAlignPool, save_fast_rcnn
 from rcnn.fast_rcnn_training import Example, _load
 from rcnn.features import run_features_stage
 from rcnn.params import Params, from_dict

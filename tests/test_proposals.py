@@ -149,3 +149,36 @@ def test_unknown_split_is_a_clear_error(synthetic_voc, tmp_path):
     with pytest.raises(RcnnError, match="trainval"):
         proposals.run_proposals_stage(p, root, tmp_path / "out", tmp_path / "m.json")
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
+def _stage_bytes(params: Params, voc_dir, out) -> dict[str, bytes]:
+    proposals.run_proposals_stage(params, voc_dir, out, out.parent / f"{out.name}.json")
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_a_dask_cluster_gives_byte_identical_proposals_to_loky(synthetic_voc, tmp_path):
+    from dask.distributed import LocalCluster  # the [dask] extra, installed by requirements.txt
+
+    p = small_params(n_jobs=2, max_proposals=100, max_side=96)
+    reference = _stage_bytes(p, synthetic_voc, tmp_path / "loky")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        on_cluster = small_params(n_jobs=2, max_proposals=100, max_side=96, backend="dask",
+                                  scheduler=cluster.scheduler_address)
+        assert _stage_bytes(on_cluster, synthetic_voc, tmp_path / "cluster") == reference
+    # scheduler null: the stage starts (and stops) a local cluster of n_jobs workers itself.
+    own = small_params(n_jobs=2, max_proposals=100, max_side=96, backend="dask")
+    assert _stage_bytes(own, synthetic_voc, tmp_path / "own") == reference
+
+
+def test_an_unreachable_dask_scheduler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(proposals, "DASK_CONNECT_SECONDS", 1)
+    with pytest.raises(RcnnError, match="cannot reach the dask scheduler"):
+        with proposals.parallel_backend("dask", 2, "tcp://127.0.0.1:9"):
+            pass
+
+
+def test_a_scheduler_without_the_dask_backend_is_an_invalid_param():
+    from rcnn.params import from_dict
+
+    with pytest.raises(RcnnError, match="proposals.scheduler .* only used with proposals.backend = 'dask'"):
+        from_dict({"proposals": {"scheduler": "tcp://127.0.0.1:8786"}})

@@ -7,7 +7,6 @@ round of probing, tabled in the README's guarantees).
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import pickle
 import tarfile
@@ -262,3 +261,29 @@ def test_12_data_errors_name_the_users_own_file(synthetic_voc, tmp_path):
     download.prepare_voc(DataParams(source=str(archive), splits=["val"]), tmp_path / "data2", tmp_path / "cache")
     with pytest.raises(RcnnError, match=f"extracted from {archive.resolve()}"):
         voc.read_image(voc.image_path(tmp_path / "data2" / "VOC2007", image_id))
+
+
+# The project's own round ----------------------------------------------------------------------------
+
+def test_an_annotation_with_exponential_entity_expansion_is_one_error(tmp_path):
+    path = tmp_path / "bomb.xml"
+    entities = "".join(f'<!ENTITY e{i} "{"&e%d;" % (i - 1) * 10 if i else "lol"}">' for i in range(10))
+    path.write_text(f'<?xml version="1.0"?><!DOCTYPE a [{entities}]><annotation><folder>&e9;</folder></annotation>')
+    with pytest.raises(RcnnError, match="bomb.xml: malformed XML"):
+        voc.parse_annotation(path, CLASSES)
+
+
+def test_proposals_with_non_finite_boxes_are_refused(tmp_path):
+    path = tmp_path / "val-fast.npz"
+    np.savez(path, a=np.array([[0, 0, np.nan, 5]], np.float32))
+    with pytest.raises(RcnnError, match="non-finite boxes for a"):
+        proposals.load_proposals(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b" + b"\0" * 30])
+def test_an_empty_or_bogus_archive_is_one_error(tmp_path, content):
+    archive = tmp_path / "voc.tar.gz"
+    archive.write_bytes(content)
+    with pytest.raises(RcnnError, match="voc.tar.gz"):
+        download.prepare_voc(DataParams(source=str(archive), splits=["val"]), tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()

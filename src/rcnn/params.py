@@ -66,6 +66,7 @@ class ProposalParams:
     min_size: int = field(default=10, metadata=_range(1))
     n_jobs: int = -1
     backend: Literal["loky", "multiprocessing", "threading", "dask", "ray"] = "loky"
+    scheduler: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,9 @@ def _check_consistency(p: Params) -> None:
     if p.train.warmup_epochs >= p.train.epochs:
         raise ParamError(f"train.warmup_epochs = {p.train.warmup_epochs!r} is invalid: must be < train.epochs "
                          f"({p.train.epochs!r})")
+    if p.proposals.scheduler is not None and p.proposals.backend != "dask":
+        raise ParamError(f"proposals.scheduler = {p.proposals.scheduler!r} is only used with proposals.backend = "
+                         f"'dask' (it is {p.proposals.backend!r}): set the backend or the scheduler to null")
     if p.proposals.n_jobs == 0:
         raise ParamError("proposals.n_jobs = 0 is invalid: expected a positive count or -1 for all cores")
     if p.data.source == "download" and not p.data.mirrors:

@@ -51,9 +51,13 @@ def load_proposals(path: str | Path) -> dict[str, np.ndarray]:
     """All proposals of one file: image id -> ``(N, 4)`` float32 boxes, best first."""
     arrays = load_npz(path, "proposals", "proposals")
     try:
-        return {key: value.astype(np.float32).reshape(-1, 4) for key, value in arrays.items()}
+        boxes = {key: value.astype(np.float32).reshape(-1, 4) for key, value in arrays.items()}
     except (ValueError, TypeError) as err:
         raise RcnnError(f"{path} is not a valid proposals file ({err}); rerun the proposals stage") from None
+    bad = next((key for key, value in boxes.items() if not np.isfinite(value).all()), None)
+    if bad is not None:
+        raise RcnnError(f"{path} is not a valid proposals file (non-finite boxes for {bad}); rerun the proposals stage")
+    return boxes
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,19 +155,33 @@ def _propose_one(image_id: str, path: str, mode: Mode, max_proposals: int, max_s
     return image_id, selective_search(image, mode, max_proposals, max_side, min_size, image_seed(image_id)), ""
 
 
+DASK_CONNECT_SECONDS = 30  # how long to wait for proposals.scheduler before giving up
+
+
 @contextlib.contextmanager
-def parallel_backend(backend: str, n_jobs: int) -> Iterator[None]:
-    """Make ``backend`` joblib's backend in this block; dask and ray need their packages installed."""
+def parallel_backend(backend: str, n_jobs: int, scheduler: str | None = None) -> Iterator[None]:
+    """Make ``backend`` joblib's backend in this block; dask and ray need their packages installed.
+
+    dask: with ``scheduler`` (an address such as ``tcp://host:8786``) the work goes to that cluster's
+    workers; without, to the client already active in this process, else to a ``LocalCluster`` of
+    ``n_jobs`` single-threaded worker processes started for the block.
+    """
     if backend == "dask":
         try:
             from dask.distributed import Client, get_client
         except ImportError:
-            raise RcnnError("proposals.backend = 'dask' needs dask[distributed]: pip install 'dask[distributed]'") from None
-        try:
-            get_client()
-            own = None
-        except ValueError:
-            own = Client(processes=True, n_workers=joblib.effective_n_jobs(n_jobs), threads_per_worker=1)
+            raise RcnnError("proposals.backend = 'dask' needs dask[distributed]: pip install -e '.[dask]'") from None
+        own = None
+        if scheduler is not None:
+            try:
+                own = Client(scheduler, timeout=DASK_CONNECT_SECONDS)
+            except (OSError, TimeoutError, ValueError) as err:
+                raise RcnnError(f"proposals.scheduler = {scheduler!r}: cannot reach the dask scheduler ({err})") from None
+        else:
+            try:
+                get_client()
+            except ValueError:
+                own = Client(processes=True, n_workers=joblib.effective_n_jobs(n_jobs), threads_per_worker=1)
         try:
             with joblib.parallel_config(backend="dask"):
                 yield
@@ -194,15 +212,18 @@ class ProposalRun:
 
 def compute_proposals(root: str | Path, image_ids: Sequence[str], mode: Mode = "fast",
                       max_proposals: int = 2000, max_side: int | None = 500, min_size: int = 10,
-                      n_jobs: int = -1, backend: str = "loky", desc: str = "proposals") -> ProposalRun:
-    """Selective search over images of a VOC folder in parallel; unreadable images are skipped with a warning."""
+                      n_jobs: int = -1, backend: str | None = "loky", desc: str = "proposals") -> ProposalRun:
+    """Selective search over images of a VOC folder in parallel; unreadable images are skipped with a warning.
+
+    ``backend=None`` uses the joblib backend already active (:func:`parallel_backend` around several calls).
+    """
     root = Path(root)
     start = time.perf_counter()
     boxes: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     jobs = (joblib.delayed(_propose_one)(i, str(voc.image_path(root, i)), mode, max_proposals, max_side, min_size)
             for i in image_ids)
-    with parallel_backend(backend, n_jobs):
+    with parallel_backend(backend, n_jobs) if backend is not None else contextlib.nullcontext():
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
         for image_id, found, reason in tqdm(results, total=len(image_ids), desc=desc, unit="img"):
             if found is None:
@@ -255,12 +276,12 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
     all_gt: list[np.ndarray] = []
     all_skipped: dict[str, str] = {}
     seconds = 0.0
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, parallel_backend(p.backend, p.n_jobs, p.scheduler):
         for split, mode in proposal_jobs(params):
             annotations = {a.image_id: a for a in voc.load_split(root, split, params.classes,
                                                                   params.data.on_bad_annotation)}
             run = compute_proposals(root, sorted(annotations), mode, p.max_proposals, p.max_side, p.min_size,
-                                    p.n_jobs, p.backend, desc=f"proposals {split}-{mode}")
+                                    p.n_jobs, None, desc=f"proposals {split}-{mode}")
             with atomic_path(proposal_file(tmp, split, mode)) as path:
                 with open(path, "wb") as fh:
                     np.savez_compressed(fh, **run.boxes)
