@@ -169,6 +169,10 @@ def test_5_a_truncated_jpeg_is_skipped_and_counted_not_used(synthetic_voc, tmp_p
     with pytest.warns(RuntimeWarning, match=image_id):
         metrics = proposals.run_proposals_stage(params, tmp_path / "voc", tmp_path / "p", tmp_path / "p.json")
     assert metrics["files"]["val-fast"]["skipped_ids"] == [image_id]
+    # A complete JPEG padded with zero bytes to a block size (as one kangaroo photo is) is fine.
+    padded = voc.image_path(root, voc.read_split(root, "val")[1])
+    padded.write_bytes(padded.read_bytes() + b"\0" * 4000)
+    assert voc.read_image(padded).shape[2] == 3
     png = tmp_path / "x.png"
     cv2.imwrite(str(png), np.zeros((40, 40, 3), np.uint8))
     _truncate(png)

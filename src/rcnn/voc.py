@@ -196,7 +196,9 @@ def image_is_complete(data: np.ndarray) -> bool:
     """False for a JPEG or PNG whose end marker is missing: OpenCV decodes such a file partially
     (grey below the cut) with only a libjpeg warning on stderr, so it would be used silently.
     In JPEG entropy-coded data 0xFF is always escaped, so an end-of-image marker near the end can
-    only be the real one. Other formats are left to the decoder."""
+    only be the real one. Zero bytes after it (files padded to a block size) are allowed. Other
+    formats are left to the decoder."""
+    data = np.trim_zeros(data, "b")
     head, tail = bytes(data[:8]), bytes(data[-1024:])
     if head.startswith(b"\xff\xd8"):
         return b"\xff\xd9" in tail
