@@ -2,7 +2,7 @@
 torchvision's Faster R-CNN with the same backbone and weights, all scored by the project's evaluator.
 
     python bench/families.py VOC_DIR --classes kangaroo --weights mobilenet_v2.pth --split test \
-        [--presets rcnn-best fast-rcnn] [--set KEY=VALUE ...] [--peer-epochs 8] [--skip-peer]
+        [--presets rcnn-best fast-rcnn fast-cpu+paper] [--set KEY=VALUE ...] [--peer-epochs 8] [--skip-peer]
         [--out bench/families]
 
 Each preset runs the whole pipeline in a temporary folder (download from the local folder,
@@ -206,7 +206,8 @@ def dataset_params(args: argparse.Namespace, presets_names: Sequence[str], optio
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = dataset_parser("bench/families.py", __doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="*", default=["rcnn-best", "fast-rcnn"])
+    parser.add_argument("--presets", nargs="*", default=["rcnn-best", "fast-rcnn"],
+                        help="one configuration per name; join presets with + (fast-cpu+paper)")
     parser.add_argument("--peer-epochs", type=int, default=8)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "families")
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-families-") as tmp:
         for name in args.presets:
-            raw = dataset_params(args, [name], {})
+            raw = dataset_params(args, name.split("+"), {})
             work = Path(tmp) / name
             work.mkdir()
             with contextlib.chdir(work):

@@ -112,3 +112,22 @@ def test_ablation_bench_scores_each_row_with_and_without_box_regression(tmp_path
     assert "train.hard_negative_rounds=1" in rows["fine-tuned + hard negatives"]["options"]
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 4 and "no box regression" in table[0]
+
+
+SCALE = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+
+
+def test_scale_bench_runs_every_stage_as_its_own_process_per_size(tmp_path):
+    out = tmp_path / "scale"
+    proc = subprocess.run([sys.executable, str(SCALE), "--sizes", "8", "12", "--set", "proposals.max_proposals=60",
+                           "evaluate.max_proposals=20", "train.epochs=1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["images"] for r in runs] == [8, 12]
+    for run in runs:
+        assert list(run["stages"]) == ["download", "proposals", "regions", "features", "train", "evaluate", "render"]
+        for stage in run["stages"].values():
+            assert stage["seconds"] > 0 and stage["s_per_image"] > 0 and stage["peak_mb"] > 50 and stage["disk_mb"] > 0
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + 7 and "8 images" in table[0] and "growth" in table[0]
