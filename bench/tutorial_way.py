@@ -115,7 +115,7 @@ def train_data(files: Sequence[Path], size: int, batch_size: int, seed: int, dev
     def logits(model: RegionClassifier, crops: torch.Tensor) -> torch.Tensor:
         return model(preprocess(crops, device).contiguous())
 
-    return TrainData(train_batches, lambda: iter(()), logits, len(files), 0, batch_size)
+    return TrainData(train_batches, lambda: iter(()), logits, len(files), 0, batch_size, head_only=True)
 
 
 def greedy_nms(boxes: list[list[float]], scores: list[float], threshold: float) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -250,6 +251,9 @@ def test_local_folder_source_in_each_layout(synthetic_voc, tmp_path, monkeypatch
         counts = download.prepare_voc(_params(source, splits=["train", "test"]), out, tmp_path / "cache")
         assert counts == {"train": 12, "test": 6}
         tree = _tree(out)
+        # The note of where the data came from names each source's own VOC folder (for error messages).
+        note = json.loads(tree.pop("source.json"))
+        assert note["kind"] == "folder" and Path(note["root"]).name == "VOC2007" and Path(note["root"]).is_absolute()
         assert expected is None or tree == expected
         expected = tree
     assert not (tmp_path / "cache").exists()  # nothing was downloaded

@@ -40,7 +40,7 @@ def features_dir(regions_dir, tmp_path_factory) -> Path:
 def test_features_stage_caches_what_the_model_computes_in_region_order(regions_dir, features_dir):
     info = json.loads((features_dir / "info.json").read_text())
     assert info["cached"] and info["backbone"] == "resnet18" and info["dim"] == 512
-    assert info["regions_per_second"] > 0 and info["device"] == "cpu" and info["threads"] >= 1
+    assert info["device"] == "cpu" and "seconds" not in info  # timing goes to metrics/features.json
     assert sorted(p.name for p in features_dir.iterdir()) == ["info.json", "train.npz", "val.npz"]
     model = build_model(tiny_params())
     for split in ("train", "val"):

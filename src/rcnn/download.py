@@ -293,7 +293,7 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
         if out_dir.resolve() in (root.resolve(), *root.resolve().parents):
             raise RcnnError(f"data.source = {data.source!r} is inside the output {out_dir}: point it at a copy")
         with atomic_dir(out_dir) as tmp:
-            write_json(tmp / voc.SOURCE_FILE, {"kind": "folder", "source": data.source, "root": str(root.resolve())})
+            write_json(tmp / voc.SOURCE_FILE, {"kind": "folder", "root": str(root.resolve())})
             return _build_subset(root, tmp / "VOC2007", data.splits, data.max_images, shutil.copyfile)
     elif source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES):
         archives = [source]

@@ -323,7 +323,9 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
             # The final backbone's features of the regions stage's samples.
             train = features_mod.split_features(model, regions_dir, train_split, device, t.feature_batch_size)
             val = features_mod.split_features(model, regions_dir, val_split, device, t.feature_batch_size)
-        svm, classifier = fit_classifier(model, train, val, params, device, live, root, items, regions_dir)
+        svm, classifier = None, {"classifier": m.classifier, "hard_negative_rounds": 0}
+        if m.classifier == "svm" or t.hard_negative_rounds:
+            svm, classifier = fit_classifier(model, train, val, params, device, live, root, items, regions_dir)
         regressor = None
         if m.bbox_regression:
             regressor = fit_box_regressor(train["features"], train["labels"], train["boxes"], train["gt_boxes"],
