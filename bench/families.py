@@ -243,12 +243,17 @@ def write_results(args: argparse.Namespace, rows: dict[str, dict], table: Callab
                "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
                                "cpu_count": os.cpu_count(), "machine": platform.machine()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", results)
-    with atomic_path(args.out / "results.md") as path:
-        path.write_text(table(results))
-    print(table(results))
+    save_results(args.out, results, table(results))
     return results
+
+
+def save_results(out: Path, results: dict[str, Any], table: str) -> None:
+    """Write ``results.json`` and ``results.md`` (the table, also printed) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    with atomic_path(out / "results.md") as path:
+        path.write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import psutil
 import yaml
 
+from families import save_results  # bench/ is the script's folder
 from rcnn import voc
 from rcnn.errors import RcnnError, run_cli
-from rcnn.fileio import atomic_path, write_json
 from rcnn.params import from_dict, set_dotted
 from rcnn.synthetic import generate
 
@@ -126,11 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{size} images: " + ", ".join(f"{s} {r['seconds']:.0f} s {r['peak_mb']:.0f} MB"
                                                  for s, r in runs[-1]["stages"].items()), flush=True)
     results = {"runs": runs, "settings": options, "cpu_count": psutil.cpu_count()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", results)
-    with atomic_path(args.out / "results.md") as path:
-        path.write_text(markdown(results))
-    print(markdown(results))
+    save_results(args.out, results, markdown(results))
     return results
 
 
