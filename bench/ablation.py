@@ -2,14 +2,15 @@
 with and without box regression, on one dataset.
 
     python bench/ablation.py VOC_DIR --classes kangaroo --weights mobilenet_v2.pth --split test \
-        [--rows frozen fine-tuned ...] [--set KEY=VALUE ...] [--out bench/ablation]
+        [--rows frozen fine-tuned ...] [--set KEY=VALUE ...] [--seeds N] [--out bench/ablation]
 
 Every row is the ``rcnn-best`` preset with the row's options on top (frozen rows train the head on
 cached features with the tutorial's Adam 1e-4 and early stopping, as the frozen pipeline always has),
 run through every stage in a temporary folder (the stage functions ``dvc repro`` calls; whole-pipeline
 seconds include selective search). Box regression is fitted after the classifier and never changes it,
 so each row is trained once and evaluated twice: with its regressor and with the regressor removed from
-the checkpoint. Writes ``results.json`` and ``results.md`` into ``--out``.
+the checkpoint. With ``--seeds N`` every row runs N times (seeds 0..N-1) and reports mean ± sd, with
+each run's 95% bootstrap interval. Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from families import dataset_params, dataset_parser, pipeline, write_results  # bench/ is the script's folder
+from families import (ap_cell, dataset_params, dataset_parser, intervals_cell, pipeline, seed_summary,
+                      write_results)  # bench/ is the script's folder
 from rcnn import presets
 from rcnn.detection import run_evaluate_stage
 from rcnn.errors import run_cli
@@ -47,16 +49,17 @@ def without_regression(work: Path, params: Any) -> dict[str, float]:
     d = work / "data"
     result = run_evaluate_stage(params, d / "voc", d / "proposals", d / "plain.pt", d / "plain-detections",
                                 work / "plain-eval.json", work / "plain-pr")
-    return {"map07": result["map07"], "map": result["map"]}
+    return {key: result[key] for key in ("map07", "map", "map07_ci95", "map_ci95")}
 
 
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| configuration | AP07 (no box regression) | AP (no box regression) | AP07 (box regression) "
-             "| AP (box regression) | training s | whole pipeline s |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| AP (box regression) | AP07 95% interval per seed (box regression) | training s | whole pipeline s |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for name, r in rows.items():
-        cells = [r["plain"]["map07"], r["plain"]["map"], r["map07"], r["map"]]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells)
-                     + f" | {r['train_seconds']:.0f} | {r['pipeline_seconds']:.0f} |")
+        cells = [ap_cell(r["plain"], "map07"), ap_cell(r["plain"], "map"), ap_cell(r, "map07"), ap_cell(r, "map")]
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {intervals_cell(r)} | {r['train_seconds']:.0f} | {r['pipeline_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -72,12 +75,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-ablation-") as tmp:
         for name in args.rows:
-            params = from_dict(dataset_params(args, ["rcnn-best"], {**ROWS[name], "model.bbox_regression": True}))
-            work = Path(tmp) / name.replace(" ", "-").replace("+", "and")
-            work.mkdir()
-            with contextlib.chdir(work):
-                rows[name] = pipeline(params, work)
-                rows[name]["plain"] = without_regression(work, params)
+            runs = []
+            for seed in range(args.seeds):
+                params = from_dict(dataset_params(args, ["rcnn-best"], {**ROWS[name], "model.bbox_regression": True,
+                                                                        "seed": seed}))
+                work = Path(tmp) / name.replace(" ", "-").replace("+", "and") / f"seed-{seed}"
+                work.mkdir(parents=True)
+                with contextlib.chdir(work):
+                    run = pipeline(params, work)
+                    run["plain"] = without_regression(work, params)
+                runs.append(run)
+            rows[name] = seed_summary(runs)
             rows[name]["options"] = [f"{k}={presets.format_value(v)}" for k, v in ROWS[name].items()]
             print(markdown({name: rows[name]}), flush=True)
     return write_results(args, rows, lambda results: markdown(results["rows"]))

@@ -2,12 +2,13 @@
 torchvision's Faster R-CNN with the same backbone and weights, all scored by the project's evaluator.
 
     python bench/families.py VOC_DIR --classes kangaroo --weights mobilenet_v2.pth --split test \
-        [--presets rcnn-best fast-rcnn fast-cpu+paper] [--set KEY=VALUE ...] [--peer-epochs 8] [--skip-peer]
-        [--out bench/families]
+        [--presets rcnn-best fast-rcnn fast-cpu+paper] [--set KEY=VALUE ...] [--seeds N] [--peer-epochs 8]
+        [--skip-peer] [--out bench/families]
 
 Each preset runs the whole pipeline in a temporary folder (download from the local folder,
 proposals, regions, features, train, evaluate: the stage functions ``dvc repro`` calls) and
-reports AP07, AP, training seconds, detection seconds per image without and with selective
+reports AP07, AP (mean ± sd over ``--seeds`` full runs, seeds 0..N-1, with each run's 95% bootstrap
+interval over the test images), training seconds, detection seconds per image without and with selective
 search, and whole-pipeline seconds. The peer trains on the same train split (its own RPN, no
 selective search; SGD 0.01, momentum 0.9, batch 2, horizontal flips, shorter side 480, anchors
 32-512, the upper half of the backbone trained) and is evaluated on the same split. Writes
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +39,14 @@ from tqdm import tqdm
 
 from rcnn import download, features, presets, proposals, voc
 from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
+from rcnn.bootstrap import map_intervals
 from rcnn.detection import run_evaluate_stage
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.errors import run_cli
 from rcnn.evaluation import Detections, evaluate_detections
 from rcnn.fast_rcnn import flip_boxes, image_tensor
 from rcnn.fileio import atomic_path, write_json
-from rcnn.model import backbone_units, build_backbone, inference_autocast, select_device
+from rcnn.model import backbone_units, build_backbone, inference_autocast, inference_dtype, select_device
 from rcnn.params import Params, from_dict, set_dotted
 
 PEER_SIZE, PEER_MAX_SIZE = 480, 800
@@ -74,7 +77,8 @@ def pipeline(params: Params, work: Path) -> dict[str, Any]:
     # The stage searched n_jobs images at once; one image alone takes n_jobs / throughput seconds.
     search = int(props.get("n_jobs", 1)) / eval_file["images_per_second"]
     detect = result["seconds_per_image"]
-    return {"map07": result["map07"], "map": result["map"], "train_seconds": seconds["train"],
+    return {"map07": result["map07"], "map": result["map"], "map07_ci95": result["map07_ci95"],
+            "map_ci95": result["map_ci95"], "seed": params.seed, "train_seconds": seconds["train"],
             "detect_s_per_image": detect, "search_s_per_image": round(search, 4),
             "detect_with_search_s_per_image": round(detect + search, 4),
             "pipeline_seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds}
@@ -148,7 +152,7 @@ class _Peer:
                                                  out["labels"].cpu().numpy().astype(np.int64))
         seconds = (time.perf_counter() - start) / max(len(annotations), 1)
         result = evaluate_detections(found, annotations, classes)
-        return {"map07": result.map07, "map": result.map}, seconds
+        return {"map07": result.map07, "map": result.map, **map_intervals(result)}, seconds
 
 
 def peer(params: Params, work: Path, epochs: int) -> dict[str, Any]:
@@ -160,20 +164,53 @@ def peer(params: Params, work: Path, epochs: int) -> dict[str, Any]:
     model = _Peer(params.model.backbone, params.model.weights, len(params.classes), params.seed)
     train_seconds = model.fit(root, train, epochs, params.seed, device)
     scores, per_image = model.evaluate(root, test, params.classes, device)
-    return {**scores, "train_seconds": round(train_seconds, 1), "detect_s_per_image": round(per_image, 4),
+    return {**scores, "seed": params.seed, "train_seconds": round(train_seconds, 1),
+            "detect_s_per_image": round(per_image, 4),
             "search_s_per_image": 0.0, "detect_with_search_s_per_image": round(per_image, 4),
             "pipeline_seconds": None, "epochs": epochs}
 
 
+SECONDS_KEYS = ("train_seconds", "detect_s_per_image", "search_s_per_image", "detect_with_search_s_per_image",
+                "pipeline_seconds")
+
+
+def seed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row over seeds: AP07 and AP as mean and sample sd (None for one seed), every run's bootstrap
+    interval, mean seconds; the runs themselves under ``runs``. Nested rows (``plain``) likewise."""
+    out: dict[str, Any] = {"seeds": [r.get("seed") for r in runs], "runs": runs}
+    for key in ("map07", "map"):
+        values = np.array([r[key] for r in runs], np.float64)
+        out[key] = round(float(values.mean()), 6)
+        out[f"{key}_sd"] = round(float(values.std(ddof=1)), 6) if len(values) > 1 else None
+        out[f"{key}_ci95"] = [r[f"{key}_ci95"] for r in runs]
+    for key in SECONDS_KEYS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = round(float(np.mean(values)), 4) if values else None
+    if "plain" in runs[0]:
+        out["plain"] = seed_summary([r["plain"] for r in runs])
+    return out
+
+
+def ap_cell(row: dict[str, Any], key: str) -> str:
+    """``0.562 ± 0.012`` over seeds (``0.562`` for one seed)."""
+    sd = row.get(f"{key}_sd")
+    return f"{row[key]:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def intervals_cell(row: dict[str, Any], key: str = "map07") -> str:
+    """Each run's 95% bootstrap interval, ``[0.45, 0.66]``."""
+    return " ".join(f"[{low:.2f}, {high:.2f}]" for low, high in row[f"{key}_ci95"])
+
+
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| detector | AP07 | AP | training s | detection s/image (no search) | selective search s/image "
-             "| detection s/image with search | whole pipeline s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| detector | AP07 | AP | AP07 95% interval per seed | training s | detection s/image (no search) "
+             "| selective search s/image | detection s/image with search | whole pipeline s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, r in results["rows"].items():
-        cells = [r["map07"], r["map"], r["train_seconds"], r["detect_s_per_image"], r["search_s_per_image"],
+        cells = [r["train_seconds"], r["detect_s_per_image"], r["search_s_per_image"],
                  r["detect_with_search_s_per_image"], r["pipeline_seconds"]]
-        lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" if isinstance(c, float) and c < 10
-                                                  else f"{c:.0f}" if isinstance(c, (int, float)) else str(c)
-                                                  for c in cells) + " |")
+        lines.append(f"| {name} | {ap_cell(r, 'map07')} | {ap_cell(r, 'map')} | {intervals_cell(r)} | "
+                     + " | ".join("–" if c is None else f"{c:.3f}" if c < 10 else f"{c:.0f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +224,16 @@ def dataset_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="evaluated split (default test)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="params applied to every configuration last, e.g. train.epochs=2 (YAML values)")
+    parser.add_argument("--seeds", type=_positive, default=1, metavar="N",
+                        help="full runs per configuration with seed 0..N-1; AP is reported as mean ± sd (default 1)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def dataset_params(args: argparse.Namespace, presets_names: Sequence[str], options: dict[str, object]) -> dict:
@@ -216,35 +262,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    base = dataset_params(args, [], {})
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-families-") as tmp:
+        first_work = None
         for name in args.presets:
-            raw = dataset_params(args, name.split("+"), {})
-            work = Path(tmp) / name
-            work.mkdir()
-            with contextlib.chdir(work):
-                rows[name] = pipeline(from_dict(raw), work)
+            runs = []
+            for seed in range(args.seeds):
+                work = Path(tmp) / name / f"seed-{seed}"
+                work.mkdir(parents=True)
+                first_work = first_work or work
+                with contextlib.chdir(work):
+                    runs.append(pipeline(from_dict(dataset_params(args, name.split("+"), {"seed": seed})), work))
+            rows[name] = seed_summary(runs)
         if not args.skip_peer:
-            params = from_dict(base)
-            if not rows:  # the peer needs the data in place
-                download.prepare_voc(params.data, Path(tmp) / "peer" / "data" / "voc", Path(tmp) / "dl")
-                rows["faster_rcnn"] = peer(params, Path(tmp) / "peer", args.peer_epochs)
-            else:
-                rows["faster_rcnn"] = peer(params, Path(tmp) / args.presets[0], args.peer_epochs)
+            if first_work is None:  # the peer needs the data in place
+                first_work = Path(tmp) / "peer"
+                download.prepare_voc(from_dict(dataset_params(args, [], {})).data, first_work / "data" / "voc",
+                                     Path(tmp) / "dl")
+            rows["faster_rcnn"] = seed_summary([peer(from_dict(dataset_params(args, [], {"seed": seed})), first_work,
+                                                     args.peer_epochs) for seed in range(args.seeds)])
     return write_results(args, rows, markdown)
 
 
 def write_results(args: argparse.Namespace, rows: dict[str, dict], table: Callable[[dict], str]) -> dict[str, Any]:
     """``results.json`` (rows, dataset, options, environment) and ``results.md`` (``table(results)``) in
     ``args.out``; the table is printed too."""
-    results = {"rows": rows, "dataset": str(args.voc_dir), "classes": args.classes, "split": args.split,
-               "backbone": args.backbone, "weights": args.weights, "set": args.set,
+    results = {"rows": rows, "command": " ".join(["python", *sys.argv]), "commit": git_commit(),
+               "dataset": str(args.voc_dir), "classes": args.classes, "split": args.split,
+               "backbone": args.backbone, "weights": args.weights, "set": args.set, "seeds": args.seeds,
                "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-                               "cpu_count": os.cpu_count(), "machine": platform.machine()}}
+                               "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                               # bf16 where the hardware has it natively, else fp32: figures differ between the two
+                               "inference_dtype": str(inference_dtype(select_device("auto")))}}
     save_results(args.out, results, table(results))
     return results
+
+
+def git_commit() -> str | None:
+    """The commit the bench ran on (``+dirty`` when tracked files differ from it); None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def save_results(out: Path, results: dict[str, Any], table: str) -> None:

@@ -133,7 +133,8 @@ def prepare_workload(args: argparse.Namespace, tmp: Path) -> Workload:
         regions=RegionParams(crop_size=args.crop_size),
         model=ModelParams(backbone=args.backbone, weights=args.weights),
         train=TrainParams(epochs=args.head_epochs, patience=args.head_epochs),
-        evaluate=EvaluateParams(split=SPLIT, max_proposals=args.detect_proposals))
+        # A timing workload, not a score: one split serves every role.
+        evaluate=EvaluateParams(split=SPLIT, max_proposals=args.detect_proposals, allow_overlap=True))
     return Workload(root, source, annotations, ids[:args.detect_images], params)
 
 

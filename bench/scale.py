@@ -34,10 +34,10 @@ from rcnn.synthetic import generate
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"download": "data/voc", "proposals": "data/proposals", "regions": "data/regions",
           "features": "data/features", "train": "data/model", "evaluate": "data/detections", "render": "data/render"}
-SETTINGS = {"classes": ["car", "dog", "person"], "data.splits": ["train", "val"], "proposals.max_side": 128,
+SETTINGS = {"classes": ["car", "dog", "person"], "data.splits": ["train", "val", "test"], "proposals.max_side": 128,
             "proposals.max_proposals": 300, "regions.crop_size": 64, "regions.max_boxes": 16,
             "model.backbone": "resnet18", "model.weights": "none", "model.hidden": 64, "train.epochs": 5,
-            "train.patience": 5, "evaluate.split": "val", "evaluate.max_proposals": 50, "render.num_images": 4}
+            "train.patience": 5, "evaluate.split": "test", "evaluate.max_proposals": 50, "render.num_images": 4}
 
 
 def run_stage(stage: str, project: Path) -> dict[str, float]:

@@ -78,7 +78,7 @@ def test_families_bench_compares_fast_rcnn_with_the_faster_rcnn_peer(tmp_path, s
             "model.roi_size=3", "model.hidden=16", "train.epochs=2", "proposals.max_proposals=100",
             "evaluate.max_proposals=100"]
     proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",
-                           "--backbone", "resnet18", "--weights", "none", "--split", "val", "--presets", "fast-rcnn",
+                           "--backbone", "resnet18", "--weights", "none", "--split", "test", "--presets", "fast-rcnn",
                            "--set", *tiny, "--peer-epochs", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,7 +100,7 @@ def test_ablation_bench_scores_each_row_with_and_without_box_regression(tmp_path
     tiny = ["model.hidden=16", "regions.crop_size=64", "train.epochs=1", "train.warmup_epochs=0",
             "proposals.max_proposals=100", "evaluate.max_proposals=50"]
     proc = subprocess.run([sys.executable, str(ABLATION), str(synthetic_voc), "--classes", "car", "dog", "person",
-                           "--backbone", "resnet18", "--weights", "none", "--split", "val",
+                           "--backbone", "resnet18", "--weights", "none", "--split", "test",
                            "--rows", "frozen", "fine-tuned + hard negatives", "--set", *tiny, "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -143,14 +143,14 @@ def test_cli_errors_are_one_line_exit_2(tiny_checkpoint, synthetic_voc, tmp_path
 
 
 def test_evaluate_stage_writes_detections_metrics_and_curves(tiny_checkpoint, synthetic_voc, tmp_path):
-    ids = voc.read_split(synthetic_voc, "val")
+    ids = voc.read_split(synthetic_voc, "test")
     rng = np.random.default_rng(1)
     proposals = {i: _proposals(voc.parse_annotation(voc.annotation_path(synthetic_voc, i), CLASSES), rng)
                  for i in ids[1:]}  # the first image "was skipped" by the proposals stage
     prop_dir = tmp_path / "proposals"
     prop_dir.mkdir()
-    np.savez_compressed(proposal_file(prop_dir, "val", "fast"), **proposals)
-    params = dataclasses.replace(Params(), evaluate=EvaluateParams(split="val", max_proposals=30, batch_size=16))
+    np.savez_compressed(proposal_file(prop_dir, "test", "fast"), **proposals)
+    params = dataclasses.replace(Params(), evaluate=EvaluateParams(split="test", max_proposals=30, batch_size=16))
     out = {k: tmp_path / v for k, v in (("detections_dir", "det"), ("metrics_path", "metrics/eval.json"),
                                         ("pr_dir", "metrics/pr"))}
     with pytest.warns(RuntimeWarning, match="no proposals"):
@@ -160,11 +160,15 @@ def test_evaluate_stage_writes_detections_metrics_and_curves(tiny_checkpoint, sy
     assert 0 <= metrics["map"] <= 1 and 0 <= metrics["map07"] <= 1 and metrics["map"] == summary["map"]
     assert set(metrics["ap"]) <= set(CLASSES) and metrics["detections"] > 0
     assert set(metrics["time"]) == {"proposals_load", "crops", "cnn", "postprocess", "total"}
+    for key in ("map07", "map"):
+        low, high = metrics[f"{key}_ci95"]
+        assert low <= metrics[key] <= high
+    assert metrics["allow_overlap"] is False and metrics["shared_ids"] == {"train": 0, "val": 0}
     stored = load_detections(out["detections_dir"] / "detections.npz")
-    assert stored.classes == CLASSES and stored.split == "val" and sorted(stored.detections) == ids
+    assert stored.classes == CLASSES and stored.split == "test" and sorted(stored.detections) == ids
     assert len(stored.detections[ids[0]]) == 0
     assert all(len(d) <= 100 for d in stored.detections.values())
-    back = read_voc_results(out["detections_dir"], "val", CLASSES)
+    back = read_voc_results(out["detections_dir"], "test", CLASSES)
     assert sum(len(d) for d in back.values()) == metrics["detections"]
     for name in metrics["ap"]:
         rows = json.loads((out["pr_dir"] / f"{name}.json").read_text())
@@ -217,7 +221,7 @@ def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
                                     add_ground_truth=True),
         model=ModelParams(backbone="resnet18", weights="none", hidden=64),
         train=TrainParams(lr=1e-3, batch_size=32, epochs=12, patience=3, device="cpu"),
-        evaluate=EvaluateParams(split="val", max_proposals=100))
+        evaluate=EvaluateParams(split="test", max_proposals=100))
     proposals.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
     regions.run_regions_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "regions",
                               tmp_path / "regions.json", n_jobs=1)
@@ -227,9 +231,9 @@ def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
     summary = run_evaluate_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "model.pt",
                                  tmp_path / "det", tmp_path / "eval.json", tmp_path / "pr")
     # Baseline: the same proposals scored at random.
-    ids = voc.read_split(synthetic_voc, "val")
-    anns = voc.load_split(synthetic_voc, "val", CLASSES)
-    props = np.load(proposal_file(tmp_path / "proposals", "val", "fast"), allow_pickle=False)
+    ids = voc.read_split(synthetic_voc, "test")
+    anns = voc.load_split(synthetic_voc, "test", CLASSES)
+    props = np.load(proposal_file(tmp_path / "proposals", "test", "fast"), allow_pickle=False)
     rng = np.random.default_rng(0)
     random = {i: postprocess_detections(props[i][:100], rng.dirichlet(np.ones(len(CLASSES) + 1), len(props[i][:100])))
               for i in ids}

@@ -104,7 +104,8 @@ def served(server, voc_tar, monkeypatch):
 
 
 def _params(source: str = "download", **kw) -> DataParams:
-    return replace(DataParams(source=source, retries=2, timeout=5.0), **kw)
+    # The trainval archive only (the server here serves no test archive), unless a test asks for more.
+    return replace(DataParams(source=source, retries=2, timeout=5.0, splits=["train", "val"]), **kw)
 
 
 def _closed_port_url() -> str:
@@ -318,9 +319,9 @@ def _run_stage(cwd: Path, data: dict) -> subprocess.CompletedProcess:
 
 
 def test_stage_script_writes_data_voc_and_reports_errors_in_one_line(synthetic_voc, tmp_path):
-    done = _run_stage(tmp_path, {"source": str(synthetic_voc), "splits": ["train", "val"], "max_images": 5})
+    done = _run_stage(tmp_path, {"source": str(synthetic_voc), "max_images": 5})  # default splits: train, val, test
     assert done.returncode == 0, done.stderr
-    assert "data/voc/VOC2007: train 5 images, val 5 images" in done.stdout
+    assert "data/voc/VOC2007: train 5 images, val 5 images, test 5 images" in done.stdout
     assert read_split(tmp_path / "data" / "voc" / "VOC2007", "val") == read_split(synthetic_voc, "val")[:5]
     done = _run_stage(tmp_path, {"source": "no/such/folder"})
     assert done.returncode == 2

@@ -158,7 +158,7 @@ def _params(source: Path, **model) -> Params:
                      "dropout": 0.0, **model},
            "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 3,
                      "patience": 3, "device": "cpu", "rois_per_image": 64},
-           "evaluate": {"split": "val", "max_proposals": 200}}
+           "evaluate": {"max_proposals": 200}}
     return from_dict(raw)
 
 

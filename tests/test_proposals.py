@@ -82,12 +82,12 @@ def test_results_identical_for_one_and_two_jobs(synthetic_voc):
 
 def test_stage_writes_one_file_per_split_and_mode_with_metrics(synthetic_voc, tmp_path):
     p = small_params(eval_mode="fast")
-    p = dataclasses.replace(p, evaluate=dataclasses.replace(p.evaluate, split="val"))
     metrics = proposals.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "m.json")
-    assert sorted(f.name for f in (tmp_path / "proposals").iterdir()) == ["train-fast.npz", "val-fast.npz"]
+    assert sorted(f.name for f in (tmp_path / "proposals").iterdir()) == ["test-fast.npz", "train-fast.npz",
+                                                                          "val-fast.npz"]
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
-    assert sorted(metrics["files"]) == ["train-fast", "val-fast"]
-    assert metrics["images"] == len(voc.read_split(synthetic_voc, "train")) + len(voc.read_split(synthetic_voc, "val"))
+    assert sorted(metrics["files"]) == ["test-fast", "train-fast", "val-fast"]
+    assert metrics["images"] == sum(len(voc.read_split(synthetic_voc, s)) for s in ("train", "val", "test"))
     assert metrics["skipped_images"] == 0 and metrics["n_jobs"] == 1
     assert 0.5 <= metrics["recall_iou50"] <= 1.0 and metrics["recall_iou70"] <= metrics["recall_iou50"]
     assert metrics["images_per_second"] > 0
@@ -105,8 +105,8 @@ def test_corrupt_image_is_skipped_warned_and_counted(synthetic_voc, tmp_path):
     ids = voc.read_split(root, "val")
     voc.image_path(root, ids[1]).write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     p = small_params()
-    p = dataclasses.replace(p, data=dataclasses.replace(p.data, train_split="val"),
-                            evaluate=dataclasses.replace(p.evaluate, split="val"))
+    p = dataclasses.replace(p, data=dataclasses.replace(p.data, train_split="val"),  # one split: val only
+                            evaluate=dataclasses.replace(p.evaluate, split="val", allow_overlap=True))
     with pytest.warns(RuntimeWarning, match=f"skipping image {ids[1]}"):
         metrics = proposals.run_proposals_stage(p, root, tmp_path / "out", tmp_path / "m.json")
     assert metrics["skipped_images"] == 1 and metrics["skipped_ids"] == [f"val/{ids[1]}"]

@@ -139,7 +139,7 @@ def stage_inputs(synthetic_voc, tmp_path_factory) -> tuple[Params, Path]:
     p = dataclasses.replace(p, proposals=dataclasses.replace(p.proposals, max_side=128, max_proposals=300, n_jobs=1),
                             regions=dataclasses.replace(p.regions, crop_size=48, max_boxes=12, shard_size=50,
                                                         fg_iou=0.6, bg_iou=0.3, add_ground_truth=True),
-                            evaluate=dataclasses.replace(p.evaluate, split="val"))
+                            evaluate=dataclasses.replace(p.evaluate, split="val", allow_overlap=True))  # no test split needed
     out = tmp_path_factory.mktemp("stage") / "proposals"
     proposals.run_proposals_stage(p, synthetic_voc, out, out.parent / "proposals.json")
     return p, out

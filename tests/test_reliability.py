@@ -34,7 +34,7 @@ CLASSES = ["car", "dog", "person"]
 
 def _copy_voc(src: Path, dst: Path) -> Path:
     """A writable copy of the shared synthetic set (the fixture is read-only)."""
-    download.prepare_voc(DataParams(source=str(src), splits=["train", "val"]), dst, dst.parent / "cache")
+    download.prepare_voc(DataParams(source=str(src), splits=["train", "val", "test"]), dst, dst.parent / "cache")
     return dst / "VOC2007"
 
 
@@ -164,7 +164,7 @@ def test_5_a_truncated_jpeg_is_skipped_and_counted_not_used(synthetic_voc, tmp_p
     assert cv2.imread(str(path)) is not None  # OpenCV alone would decode it partially, silently
     with pytest.raises(RcnnError, match="truncated image"):
         voc.read_image(path)
-    params = Params(classes=CLASSES, data=DataParams(splits=["train", "val"]))
+    params = Params(classes=CLASSES)
     params = replace(params, proposals=replace(params.proposals, max_side=96, n_jobs=1))
     with pytest.warns(RuntimeWarning, match=image_id):
         metrics = proposals.run_proposals_stage(params, tmp_path / "voc", tmp_path / "p", tmp_path / "p.json")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.bbox_regression import refine_boxes
+from rcnn.bootstrap import map_intervals
 from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
 from rcnn.crops import warp_crops
 from rcnn.drawing import draw_detections, write_image
@@ -43,6 +44,7 @@ from rcnn.model import load_checkpoint
 from rcnn.params import Params
 from rcnn.proposals import load_proposals, proposal_file, selective_search
 from rcnn.region_boxes import ImageBoxes
+from rcnn.splits import check_evaluation_split
 from rcnn.svm import svm_scores
 
 
@@ -162,11 +164,19 @@ class Detector:
             yield self.detect(voc.read_image(path), props)
 
 
+def postprocess_settings(params: Params) -> dict[str, float]:
+    """The evaluate stage's post-processing, which every validation AP that selects a model uses too."""
+    e = params.evaluate
+    return {"score_threshold": e.score_threshold, "nms_iou": e.nms_iou, "max_detections": e.max_detections}
+
+
 def labelled_split_ap(detector: Detector, paths: Sequence[Path], items: Sequence[ImageBoxes],
                       max_proposals: int | None = None) -> dict[str, float]:
     """AP and AP07 of ``detector`` on the images at ``paths`` whose proposals and ground truth the regions
     stage stored in ``items`` (each image's first ``max_proposals`` proposals; all when None): the training
-    loops' validation AP. An unreadable image counts with no detections (training warned about it)."""
+    loops' validation AP, with ``detector`` set up by :func:`postprocess_settings` and ``max_proposals`` =
+    ``evaluate.max_proposals``, as the evaluate stage scores. An unreadable image counts with no
+    detections (training warned about it)."""
     found = {}
     for path, item in zip(paths, items):
         try:
@@ -206,8 +216,8 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
     e = params.evaluate
     mode = params.proposals.eval_mode
     root = voc.find_voc_root(voc_dir)
-    detector = load_detector(model_path, "auto", score_threshold=e.score_threshold, nms_iou=e.nms_iou,
-                             max_detections=e.max_detections, batch_size=e.batch_size)
+    protocol = check_evaluation_split(root, params)
+    detector = load_detector(model_path, "auto", batch_size=e.batch_size, **postprocess_settings(params))
     classes = detector.classes
     annotations, skipped_objects = _load_annotations(root, e.split, classes)
     if skipped_objects:
@@ -237,7 +247,9 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
     with atomic_dir(pr_dir) as tmp:
         write_pr_curves(tmp, result)
     extra = {
+        **map_intervals(result),
         "split": e.split,
+        **protocol,
         "iou_threshold": 0.5,
         "images": len(ids),
         "images_without_proposals": len(missing),

@@ -58,6 +58,11 @@ class ClassResult:
     num_detections: int
     recall: np.ndarray
     precision: np.ndarray
+    # What image resampling needs (rcnn.bootstrap): the image (index in sorted image-id order) and the
+    # true-positive flag of each PR point, and the non-difficult objects of this class in each image.
+    image_index: np.ndarray
+    true_positive: np.ndarray
+    gt_per_image: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class EvalResult:
     per_class: list[ClassResult]
     map: float
     map07: float
+    num_images: int
 
     def to_dict(self) -> dict:
         """JSON-ready summary (classes without ground truth are listed, not scored)."""
@@ -81,18 +87,40 @@ class EvalResult:
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
     """AP from a PR curve: VOC2007 11-point interpolation, or the all-point area (VOC2010+)."""
-    recall = np.asarray(recall, dtype=np.float64)
-    precision = np.asarray(precision, dtype=np.float64)
+    recall = np.asarray(recall, dtype=np.float64)[None, :]
+    precision = np.asarray(precision, dtype=np.float64)[None, :]
+    return float(batched_average_precision(recall, precision, use_07_metric)[0])
+
+
+def batched_average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> np.ndarray:
+    """AP of many PR curves at once: ``(B, N)`` recall (non-decreasing along a row) and precision -> ``(B,)``.
+
+    The precision envelope at point k is the best precision at recall >= recall[k]; the all-point
+    area sums it over recall steps, the 11-point metric reads it at the first point reaching each
+    threshold (zero past the last point), exactly as the devkit's loops do.
+    """
+    rows, n = recall.shape
+    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
     if use_07_metric:
-        thresholds = np.linspace(0.0, 1.0, 11)
-        reached = recall[None, :] >= thresholds[:, None]
-        best = np.where(reached, precision[None, :], 0.0).max(axis=1, initial=0.0)
-        return float(best.sum() / 11.0)
-    mrec = np.concatenate([[0.0], recall, [1.0]])
-    mpre = np.concatenate([[0.0], precision, [0.0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
-    step = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+        padded = np.concatenate([envelope, np.zeros((rows, 1))], axis=1)
+        total = np.zeros(rows)
+        for threshold in np.linspace(0.0, 1.0, 11):
+            first = (recall < threshold).sum(axis=1)  # index of the first point reaching the threshold
+            total += padded[np.arange(rows), first]
+        return total / 11.0
+    steps = np.diff(recall, axis=1, prepend=0.0)
+    return (steps * envelope).sum(axis=1)
+
+
+def pr_curve(true_positive_weight: np.ndarray, false_positive_weight: np.ndarray,
+             npos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and precision ``(B, N)`` of ranked detections counted with weights ``(B, N)`` (1 each for one
+    evaluation; how often the detection's image was drawn, for a bootstrap resample) and ``npos`` ``(B,)``."""
+    tp_cum = np.cumsum(true_positive_weight, axis=1, dtype=np.float64)
+    fp_cum = np.cumsum(false_positive_weight, axis=1, dtype=np.float64)
+    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+    recall = tp_cum / np.maximum(np.asarray(npos, np.float64), 1.0)[:, None]
+    return recall, precision
 
 
 def evaluate_detections(detections: Mapping[str, Detections], annotations: Sequence[Annotation],
@@ -103,10 +131,11 @@ def evaluate_detections(detections: Mapping[str, Detections], annotations: Seque
     if stray:
         raise RcnnError(f"detections for image {stray[0]!r} which is not in the evaluated split "
                         f"({len(stray)} such images)")
-    labels, scores, gt_index = [], [], []
-    gt_labels, gt_difficult = [], []
+    labels, scores, gt_index, det_image = [], [], [], []
+    gt_labels, gt_difficult, gt_image = [], [], []
     offset = 0
-    for ann in sorted(annotations, key=lambda a: a.image_id):
+    ordered = sorted(annotations, key=lambda a: a.image_id)
+    for image, ann in enumerate(ordered):
         det = detections.get(ann.image_id, Detections.empty())
         if len(det):
             # Best-overlapping ground truth of the detection's own class (first on ties, like max()).
@@ -119,40 +148,47 @@ def evaluate_detections(detections: Mapping[str, Detections], annotations: Seque
             gt_index.append(np.where(overlap >= iou_threshold, offset + best, -1))
             labels.append(det.labels)
             scores.append(det.scores)
+            det_image.append(np.full(len(det), image, np.int64))
         gt_labels.append(ann.labels)
         gt_difficult.append(ann.difficult)
+        gt_image.append(np.full(len(ann.labels), image, np.int64))
         offset += len(ann.labels)
-    labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    scores_all = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    match_all = np.concatenate(gt_index) if gt_index else np.zeros(0, np.int64)
-    gt_labels_all = np.concatenate(gt_labels) if gt_labels else np.zeros(0, np.int64)
-    difficult_all = np.concatenate(gt_difficult) if gt_difficult else np.zeros(0, bool)
+
+    def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    labels_all, scores_all = joined(labels, np.int64), joined(scores, np.float32)
+    match_all, image_all = joined(gt_index, np.int64), joined(det_image, np.int64)
+    gt_labels_all, gt_image_all = joined(gt_labels, np.int64), joined(gt_image, np.int64)
+    # One False past the end: index -1 (no match) reads it, so an image set without objects works too.
+    difficult_all = np.append(joined(gt_difficult, bool), False)
 
     per_class = []
     for c, name in enumerate(classes, start=1):
-        npos = int(np.sum((gt_labels_all == c) & ~difficult_all))
+        counted = (gt_labels_all == c) & ~difficult_all[:-1]
+        gt_per_image = np.bincount(gt_image_all[counted], minlength=len(ordered))
+        npos = int(gt_per_image.sum())
         sel = np.flatnonzero(labels_all == c)
         order = sel[np.argsort(-scores_all[sel], kind="stable")]
         match = match_all[order]
-        ignored = (match >= 0) & difficult_all[np.maximum(match, 0)]
-        match = match[~ignored]  # ignored detections are neither TP nor FP (they add no PR point)
+        kept = ~((match >= 0) & difficult_all[match])  # ignored detections add no PR point (neither TP nor FP)
+        match, order = match[kept], order[kept]
         tp = np.zeros(len(match), dtype=bool)
         hit = np.flatnonzero(match >= 0)
         _, first = np.unique(match[hit], return_index=True)  # first (highest-scored) hit of each object
         tp[hit[first]] = True
-        tp_cum = np.cumsum(tp)
-        fp_cum = np.cumsum(~tp)
-        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+        recall, precision = (curve[0] for curve in pr_curve(tp[None].astype(np.float64),
+                                                             (~tp)[None].astype(np.float64), np.array([npos])))
         if npos:
-            recall = tp_cum / npos
             ap, ap07 = average_precision(recall, precision), average_precision(recall, precision, True)
         else:
             recall, ap, ap07 = np.zeros(len(match)), math.nan, math.nan
-        per_class.append(ClassResult(name, ap, ap07, npos, int(len(sel)), recall, precision))
+        per_class.append(ClassResult(name, ap, ap07, npos, int(len(sel)), recall, precision, image_all[order], tp,
+                                     gt_per_image))
     scored = [c for c in per_class if c.num_gt > 0]
     mean = float(np.mean([c.ap for c in scored])) if scored else math.nan
     mean07 = float(np.mean([c.ap07 for c in scored])) if scored else math.nan
-    return EvalResult(per_class, mean, mean07)
+    return EvalResult(per_class, mean, mean07, len(ordered))
 
 
 # ---------------------------------------------------------------- VOC results files (comp4)

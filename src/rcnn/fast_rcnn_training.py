@@ -5,7 +5,7 @@ a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its labelle
 the ground truth, ``train.fg_fraction`` of them foreground: each epoch sees a new sample.
 Optimiser and schedule come from :mod:`rcnn.optim` (SGD with warm-up and decay is the Fast R-CNN
 recipe). After each epoch the model is scored on the validation split twice: the multi-task
-loss on a fixed RoI sample, and detection AP over every stored proposal, the number that
+loss on a fixed RoI sample, and detection AP with the evaluate stage's settings, the number that
 matters; the best epoch by validation AP (then loss) is kept, with early stopping after
 ``train.patience`` epochs without improvement. Curves go to dvclive as for R-CNN.
 """
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.errors import RcnnError
-from rcnn.detection import labelled_split_ap
+from rcnn.detection import labelled_split_ap, postprocess_settings
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
                             to_continuous)
 from rcnn.fileio import write_json
@@ -37,7 +37,6 @@ from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
 
 VAL_SAMPLE_SEED = 12345  # the validation loss uses the same RoI sample every epoch
-VAL_SCORE_THRESHOLD, VAL_NMS_IOU, VAL_MAX_DETECTIONS = 0.05, 0.3, 100
 
 
 @dataclass
@@ -128,12 +127,13 @@ def validation_loss(model: FastRCNN, examples: list[Example], images_per_batch: 
     return meter.result()
 
 
-def validation_ap(model: FastRCNN, examples: list[Example], classes: Sequence[str],
-                  device: torch.device) -> dict[str, float]:
-    """Detection AP on the validation images over every stored proposal, as the evaluate stage scores."""
-    detector = FastRCNNDetector(model.eval(), {"classes": list(classes)}, device, VAL_SCORE_THRESHOLD, VAL_NMS_IOU,
-                                VAL_MAX_DETECTIONS)
-    return labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples])
+def validation_ap(model: FastRCNN, examples: list[Example], params: Params, device: torch.device) -> dict[str, float]:
+    """Detection AP on the validation images, scored as the evaluate stage scores (its post-processing and
+    its ``evaluate.max_proposals``)."""
+    detector = FastRCNNDetector(model.eval(), {"classes": list(params.classes)}, device,
+                                **postprocess_settings(params))
+    return labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples],
+                             params.evaluate.max_proposals)
 
 
 def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Params, device: torch.device,
@@ -168,7 +168,7 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
             meter.add({k: v.detach() for k, v in losses.items()}, logits, labels)
         train_m = meter.result()
         val_m = {**validation_loss(model, val, t.images_per_batch, device),
-                 **validation_ap(model, val, params.classes, device)}
+                 **validation_ap(model, val, params, device)}
         epochs_run = epoch
         if live is not None:
             for name in ("loss", "accuracy", "fg_accuracy"):

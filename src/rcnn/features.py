@@ -39,17 +39,21 @@ def crop_features(model: RegionClassifier, crops: np.ndarray, device: torch.devi
 
 
 def split_features(model: RegionClassifier, regions_dir: str | Path, split: str, device: torch.device,
-                   batch_size: int) -> dict[str, np.ndarray]:
-    """Features plus the per-region arrays of every region of ``split``, in region order."""
+                   batch_size: int, min_iou: float | None = None) -> dict[str, np.ndarray]:
+    """Features plus the per-region arrays of every region of ``split``, in region order; with ``min_iou``
+    only of the foreground regions overlapping their object by at least that much (box regression's rows)."""
     index = regions.read_index(regions_dir)
     total = index.get("splits", {}).get(split, {}).get("regions")
     parts: dict[str, list[np.ndarray]] = {key: [] for key in ("features", *REGION_KEYS)}
-    with tqdm(total=total, desc=f"features {split}", unit="region") as bar:
+    with tqdm(total=total, desc=f"features {split}", unit="region", leave=min_iou is None) as bar:
         for shard in regions.iter_shards(regions_dir, split):
-            parts["features"].append(crop_features(model, shard["crops"], device, batch_size))
+            rows = slice(None)
+            if min_iou is not None:
+                rows = np.flatnonzero((np.asarray(shard["labels"]) > 0) & (np.asarray(shard["ious"]) >= min_iou))
+            parts["features"].append(crop_features(model, shard["crops"][rows], device, batch_size))
             for key in REGION_KEYS:
-                parts[key].append(np.asarray(shard[key]))
-            bar.update(len(shard["crops"]))
+                parts[key].append(np.asarray(shard[key])[rows])
+            bar.update(len(shard["labels"]))
     if not parts["features"]:
         return {"features": np.zeros((0, model.feature_dim), np.float32), "labels": np.zeros(0, np.int64),
                 "boxes": np.zeros((0, 4), np.float32), "gt_boxes": np.zeros((0, 4), np.float32),

@@ -48,7 +48,7 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 class DataParams:
     source: str = "download"
     mirrors: list[str] = field(default_factory=lambda: list(VOC_MIRRORS))
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     max_images: Optional[int] = field(default=None, metadata=_range(1))
     train_split: str = "train"
     val_split: str = "val"
@@ -128,7 +128,8 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    split: str = "val"
+    split: str = "test"
+    allow_overlap: bool = False  # score a split that shares images with train_split or val_split (demonstrations)
     max_proposals: int = field(default=300, metadata=_range(1))
     score_threshold: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
     nms_iou: float = field(default=0.3, metadata=_range(0, 1, lo_open=True))

@@ -34,6 +34,7 @@ from rcnn.boxes import box_iou, clip_boxes, xywh_to_xyxy
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, atomic_path, load_npz, write_json
 from rcnn.params import Params
+from rcnn.splits import check_evaluation_split
 
 Mode = Literal["fast", "quality"]
 RECALL_THRESHOLDS = {"recall_iou50": 0.5, "recall_iou70": 0.7}
@@ -271,6 +272,7 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
     """Compute every proposals file the pipeline needs, write them and ``metrics/proposals.json``."""
     p = params.proposals
     root = voc.find_voc_root(voc_dir)
+    check_evaluation_split(root, params)
     files: dict[str, dict] = {}
     all_boxes: list[np.ndarray] = []
     all_gt: list[np.ndarray] = []

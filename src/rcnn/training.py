@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.bbox_regression import fit_box_regressor
-from rcnn.detection import Detector, labelled_split_ap
+from rcnn.detection import Detector, labelled_split_ap, postprocess_settings
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.finetune import ProposalSampler
@@ -45,8 +45,7 @@ from rcnn.region_boxes import ImageBoxes, load_boxes
 from rcnn.svm import fit_svms, svm_margins
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-VAL_AP_PROPOSALS = 100  # fine-tuning scores each validation image's first 100 proposals every epoch,
-VAL_AP_IMAGES = 250  # on at most the first 250 validation images (full VOC val: 2,510; ~80 s per epoch on 2 cores)
+VAL_AP_IMAGES = 250  # fine-tuning's validation AP scores at most the first 250 validation images (full VOC val: 2,510)
 METRIC_NAMES = ("loss", "accuracy", "fg_accuracy")
 
 
@@ -186,9 +185,10 @@ def cached_feature_data(train: dict[str, np.ndarray], val: dict[str, np.ndarray]
 def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path, params: Params,
                   device: torch.device) -> TrainData:
     """Fine-tuning batches: fresh proposal samples each epoch. Validation: the loss on the regions stage's
-    fixed sample of the validation split, and detection AP on its first :data:`VAL_AP_IMAGES` images over
-    their first :data:`VAL_AP_PROPOSALS` proposals, which picks the best epoch (the loss alone favours early,
-    under-trained epochs: kangaroo test AP07 0.44 at the lowest-loss epoch 2 of 8, 0.55 at epoch 8)."""
+    fixed sample of the validation split, and detection AP, which picks the best epoch (the loss alone
+    favours early, under-trained epochs). The AP is the evaluate stage's: its post-processing, its
+    ``evaluate.max_proposals`` and, with ``model.bbox_regression``, a box regressor fitted to the epoch's
+    backbone as the final one will be; only the images are capped, to the first :data:`VAL_AP_IMAGES`."""
     index = regions.read_index(regions_dir)
     val_split, batch = params.data.val_split, params.train.feature_batch_size
     val_items = _labelled_boxes(regions_dir, val_split)[:VAL_AP_IMAGES]
@@ -206,12 +206,25 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
             return model(preprocess(crops, device))
 
     def val_ap(model: RegionClassifier) -> dict[str, float]:
-        detector = Detector(model, meta, device, batch_size=batch)
-        return labelled_split_ap(detector, val_paths, val_items, VAL_AP_PROPOSALS)
+        regressor = box_regressor(model, regions_dir, params, device) if params.model.bbox_regression else None
+        detector = Detector(model, {**meta, "bbox_regressor": regressor}, device, batch_size=batch,
+                            **postprocess_settings(params))
+        return labelled_split_ap(detector, val_paths, val_items, params.evaluate.max_proposals)
 
     return TrainData(sampler.epoch, val_batches, logits, sampler.regions_per_epoch,
                      int(index["splits"][val_split]["regions"]), params.train.batch_size, head_only=False,
                      val_ap=val_ap)
+
+
+def box_regressor(model: RegionClassifier, regions_dir: str | Path, params: Params,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Box regression fitted on ``model``'s features of the training regions it learns from (foreground
+    at IoU >= ``train.bbox_iou``): computing only those rows gives the regressor that all rows would."""
+    t = params.train
+    rows = features_mod.split_features(model, regions_dir, params.data.train_split, device, t.feature_batch_size,
+                                       min_iou=t.bbox_iou)
+    return fit_box_regressor(rows["features"], rows["labels"], rows["boxes"], rows["gt_boxes"], rows["ious"],
+                             params.num_classes, min_iou=t.bbox_iou, ridge_lambda=t.bbox_lambda)
 
 
 def _check_features_info(info: dict[str, Any], params: Params, features_dir: Path) -> None:
