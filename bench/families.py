@@ -242,7 +242,8 @@ def dataset_params(args: argparse.Namespace, presets_names: Sequence[str], optio
                                               "splits": sorted({"train", "val", args.split})},
             "evaluate": {"split": args.split}}
     raw = presets.apply(base, presets_names)
-    for key, value in {**options, "model.backbone": args.backbone, "model.weights": args.weights}.items():
+    weights = str(Path(args.weights).resolve()) if Path(args.weights).is_file() else args.weights
+    for key, value in {**options, "model.backbone": args.backbone, "model.weights": weights}.items():
         set_dotted(raw, key, value)
     for option in args.set:
         key, _, value = option.partition("=")
@@ -271,8 +272,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 work = Path(tmp) / name / f"seed-{seed}"
                 work.mkdir(parents=True)
                 first_work = first_work or work
+                params = from_dict(dataset_params(args, name.split("+"), {"seed": seed}))  # paths resolved here
                 with contextlib.chdir(work):
-                    runs.append(pipeline(from_dict(dataset_params(args, name.split("+"), {"seed": seed})), work))
+                    runs.append(pipeline(params, work))
             rows[name] = seed_summary(runs)
         if not args.skip_peer:
             if first_work is None:  # the peer needs the data in place
