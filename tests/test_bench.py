@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 SECTIONS = ("proposals", "regions", "training", "detection")
 
@@ -132,3 +134,24 @@ def test_scale_bench_runs_every_stage_as_its_own_process_per_size(tmp_path):
         assert run["stages"]["download"]["disk_mb"] > 0 and run["stages"]["regions"]["disk_mb"] > 0
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 7 and "8 images" in table[0] and "growth" in table[0]  # header, one row per stage
+
+
+def test_seed_summary_reports_mean_sd_and_every_runs_interval():
+    sys.path.insert(0, str(FAMILIES.parent))
+    try:
+        import families
+    finally:
+        sys.path.remove(str(FAMILIES.parent))
+    runs = [{"seed": s, "map07": v, "map": v + 0.01, "map07_ci95": [v - 0.1, v + 0.1], "map_ci95": [v - 0.1, v + 0.1],
+             "train_seconds": 10.0 * (s + 1), "detect_s_per_image": 0.1, "search_s_per_image": 0.2,
+             "detect_with_search_s_per_image": 0.3, "pipeline_seconds": 50.0,
+             "plain": {"map07": v - 0.05, "map": v - 0.04, "map07_ci95": [0, 1], "map_ci95": [0, 1]}}
+            for s, v in enumerate([0.5, 0.6, 0.7])]
+    row = families.seed_summary(runs)
+    assert row["seeds"] == [0, 1, 2] and row["map07"] == pytest.approx(0.6) and row["map07_sd"] == pytest.approx(0.1)
+    assert row["map07_ci95"] == [r["map07_ci95"] for r in runs] and row["train_seconds"] == pytest.approx(20.0)
+    assert row["plain"]["map07"] == pytest.approx(0.55) and row["runs"] == runs
+    assert families.ap_cell(row, "map07") == "0.600 ± 0.100"
+    assert families.intervals_cell(row) == "[0.40, 0.60] [0.50, 0.70] [0.60, 0.80]"
+    single = families.seed_summary(runs[:1])
+    assert single["map07_sd"] is None and families.ap_cell(single, "map07") == "0.500"
