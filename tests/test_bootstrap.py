@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +91,8 @@ def test_interval_ends_are_stable_across_bootstrap_seeds():
     assert np.ptp(ends, axis=0).max() < 0.01  # any two seeds within 0.005 of the mean, roughly
 
 
-def test_five_hundred_images_take_under_five_seconds():
+def _timed_intervals_of_500_images() -> None:
+    """Run in a fresh interpreter by the test below; prints seconds, low, point, high."""
     detections, annotations = _noisy_set(500, seed=3)
     # Pad every image to 40 detections (false alarms), as a detector with max_detections does.
     rng = np.random.default_rng(0)
@@ -103,9 +107,19 @@ def test_five_hundred_images_take_under_five_seconds():
         padded[image_id] = Detections(boxes[order], scores[order], labels[order])
     result = evaluate_detections(padded, annotations, CLASSES)
     start = time.perf_counter()
-    intervals = map_intervals(result)
-    assert time.perf_counter() - start < 5.0
-    assert intervals["map07_ci95"][0] <= result.map07 <= intervals["map07_ci95"][1]
+    low, high = map_intervals(result)["map07_ci95"]
+    print(time.perf_counter() - start, low, result.map07, high)
+
+
+def test_five_hundred_images_take_under_five_seconds():
+    # A fresh interpreter: torch's worker threads left spinning by earlier tests in this process would be timed too.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_bootstrap; "
+            "test_bootstrap._timed_intervals_of_500_images()")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds, low, point, high = map(float, done.stdout.split())
+    assert seconds < 5.0 and low <= point <= high
 
 
 def test_a_split_without_objects_has_no_interval_to_give():
