@@ -17,7 +17,7 @@ from rcnn.evaluation import EvalResult, batched_average_precision, pr_curve
 
 RESAMPLES = 2000  # the ends of the 95% interval move by < 0.005 between seeds at this count (tests/test_bootstrap.py)
 SEED = 0
-_CHUNK_ELEMENTS = 4_000_000  # (resamples x detections) per matrix: ~32 MB of float64
+_CHUNK_ELEMENTS = 262_144  # (resamples x detections) per matrix: 2 MB of float64, cache-sized (fastest measured)
 
 
 def image_draws(num_images: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
@@ -40,10 +40,14 @@ def resampled_maps(result: EvalResult, counts: np.ndarray) -> tuple[np.ndarray, 
     for k, cls in enumerate(scored):
         npos = counts @ cls.gt_per_image
         chunk = max(1, _CHUNK_ELEMENTS // max(len(cls.true_positive), 1))
+        hits = np.flatnonzero(cls.true_positive)
         for start in range(0, resamples, chunk):
             rows = slice(start, start + chunk)
             weight = counts[rows][:, cls.image_index].astype(np.float64)
             recall, precision = pr_curve(weight * cls.true_positive, weight * ~cls.true_positive, npos[rows])
+            # Recall only rises at true positives, and a false positive never beats the point before it, so
+            # both APs read the curve at the true-positive points alone: far fewer columns to scan.
+            recall, precision = recall[:, hits], precision[:, hits]
             ap[k, rows] = batched_average_precision(recall, precision)
             ap07[k, rows] = batched_average_precision(recall, precision, use_07_metric=True)
         missing = npos == 0
