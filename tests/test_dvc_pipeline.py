@@ -233,7 +233,7 @@ def test_queued_sweep_runs_in_the_background(project: Path):
 FAST_RCNN_OPTIONS = ["-S", "model.arch=fast_rcnn", "-S", "model.trainable_layers=5", "-S", "model.image_size=192",
                      "-S", "model.max_size=256", "-S", "model.roi_channels=16", "-S", "model.roi_size=5",
                      "-S", "model.dropout=0.0", "-S", "train.rois_per_image=64", "-S", "train.optimizer=sgd",
-                     "-S", "train.lr=0.01", "-S", "train.epochs=10", "-S", "train.patience=10",
+                     "-S", "train.lr=0.01", "-S", "train.epochs=10", "-S", "train.patience=10", "-S", "train.min_steps=200",
                      "-S", "evaluate.max_proposals=150"]  # every proposal, as the fast-rcnn preset scores
 
 

@@ -162,7 +162,7 @@ def _params(source: Path, **model) -> Params:
     return from_dict(raw)
 
 
-def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path):
+def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path, no_collapse_check):
     params = _params(synthetic_voc)
     run_proposals_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
     metrics = run_regions_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "regions",

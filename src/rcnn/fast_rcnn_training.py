@@ -3,11 +3,16 @@
 Every step takes ``train.images_per_batch`` images (flipped at random), and ``RoIHeads`` draws
 a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its labelled proposals plus
 the ground truth, ``train.fg_fraction`` of them foreground: each epoch sees a new sample.
+On a small training set an epoch passes over the images several times, so that the run makes at
+least ``train.min_steps`` steps: a new head needs a number of *steps*, not of passes, to learn
+foreground (11 VOC photos, 20 classes: 144 steps learned background only, 1,200 fitted them).
 Optimiser and schedule come from :mod:`rcnn.optim` (SGD with warm-up and decay is the Fast R-CNN
 recipe). After each epoch the model is scored on the validation split twice: the multi-task
 loss on a fixed RoI sample, and detection AP with the evaluate stage's settings, the number that
 matters; the best epoch by validation AP (then loss) is kept, with early stopping after
-``train.patience`` epochs without improvement. Curves go to dvclive as for R-CNN.
+``train.patience`` epochs without improvement. Curves go to dvclive as for R-CNN. The chosen model
+is then scored on its own training images, per class (:mod:`rcnn.class_accuracy`): one that
+learned no foreground is an error, not a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn import voc
+from rcnn.class_accuracy import ClassTally, check_not_collapsed, objects_per_class
 from rcnn.errors import RcnnError
 from rcnn.detection import labelled_split_ap, postprocess_settings
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
@@ -32,7 +38,7 @@ from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_bo
 from rcnn.fileio import write_json
 from rcnn.model import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler
-from rcnn.params import Params
+from rcnn.params import Params, TrainParams
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
 
@@ -75,13 +81,27 @@ def _load(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dic
     return image, proposals, {"boxes": gt, "labels": labels}
 
 
+def steps_per_epoch(num_images: int, t: TrainParams) -> int:
+    """Optimiser steps in one epoch: a pass over the training images, lengthened on a small set so that
+    ``train.epochs`` epochs make at least ``train.min_steps`` steps (the schedule, warm-up and validation
+    points scale with it)."""
+    return max(-(-num_images // t.images_per_batch), -(-t.min_steps // t.epochs))
+
+
 def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Generator,
-             training: bool) -> Iterator[tuple[list, list, list]]:
-    """Batches in a shuffled order with random flips when ``training``, else in order, unflipped."""
-    order = rng.permutation(len(examples)) if training else np.arange(len(examples))
-    flips = rng.random(len(examples)) < 0.5 if training else np.zeros(len(examples), bool)
+             training: bool, steps: int | None = None) -> Iterator[tuple[list, list, list]]:
+    """Batches in a shuffled order with random flips when ``training`` (``steps`` batches, passing over the
+    images as often as that takes, each pass in a fresh order), else every image once, in order, unflipped."""
+    if training:
+        needed = (steps or -(-len(examples) // images_per_batch)) * images_per_batch
+        passes = -(-needed // len(examples))
+        order = np.concatenate([rng.permutation(len(examples)) for _ in range(passes)])[:needed]
+        flips = rng.random(len(order)) < 0.5
+    else:
+        order, flips = np.arange(len(examples)), np.zeros(len(examples), bool)
     for start in range(0, len(order), images_per_batch):
-        loaded = [_load(examples[i], bool(flips[i])) for i in order[start:start + images_per_batch]]
+        loaded = [_load(examples[i], bool(flip)) for i, flip in zip(order[start:start + images_per_batch],
+                                                                     flips[start:start + images_per_batch])]
         loaded = [x for x in loaded if x is not None]
         if loaded:
             images, proposals, targets = zip(*loaded)
@@ -89,42 +109,39 @@ def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Gene
 
 
 class _Meter:
-    """Epoch totals of the multi-task loss and RoI accuracy (overall and foreground)."""
+    """Epoch totals of the multi-task loss and RoI accuracy (overall, foreground, and per class)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_labels: int) -> None:
         self.sums = {"loss": 0.0, "loss_classifier": 0.0, "loss_box_reg": 0.0}
-        self.steps = self.correct = self.count = self.fg_correct = self.fg_count = 0
+        self.steps = 0
+        self.tally = ClassTally(num_labels)
 
     def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.steps += 1
         for key, value in losses.items():
             self.sums[key] += float(value)
         self.sums["loss"] += float(sum(losses.values()))
-        hit = logits.argmax(dim=1) == labels
-        fg = labels > 0
-        self.correct += int(hit.sum())
-        self.count += len(labels)
-        self.fg_correct += int((hit & fg).sum())
-        self.fg_count += int(fg.sum())
+        self.tally.add(logits.argmax(dim=1), labels)
 
     def result(self) -> dict[str, float]:
         out = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
-        return {**out, "accuracy": self.correct / max(self.count, 1),
-                "fg_accuracy": self.fg_correct / max(self.fg_count, 1), "fg_share": self.fg_count / max(self.count, 1)}
+        seen = max(int(self.tally.seen.sum()), 1)
+        return {**out, "accuracy": int(self.tally.correct.sum()) / seen, "fg_accuracy": self.tally.fg_accuracy(),
+                "fg_share": int(self.tally.seen[1:].sum()) / seen}
 
 
-def validation_loss(model: FastRCNN, examples: list[Example], images_per_batch: int,
-                    device: torch.device) -> dict[str, float]:
-    """Loss and RoI accuracy on the validation images, with the same RoI sample every epoch."""
+def roi_meter(model: FastRCNN, examples: list[Example], images_per_batch: int, device: torch.device) -> _Meter:
+    """Loss and RoI classification of ``model`` (eval mode) on ``examples``, with the same RoI sample every
+    time: the validation numbers of every epoch, and the trained model's accuracy on its training images."""
     model.eval()
-    meter = _Meter()
+    meter = _Meter(model.config["num_classes"] + 1)
     with torch.random.fork_rng(devices=[]), torch.inference_mode(), inference_autocast(device):
         torch.manual_seed(VAL_SAMPLE_SEED)
         for images, proposals, targets in _batches(examples, images_per_batch, np.random.default_rng(0), False):
             losses, logits, labels = model.losses([i.to(device) for i in images], [p.to(device) for p in proposals],
                                                   [{k: v.to(device) for k, v in t.items()} for t in targets])
             meter.add(losses, logits, labels)
-    return meter.result()
+    return meter
 
 
 def validation_ap(model: FastRCNN, examples: list[Example], params: Params, device: torch.device) -> dict[str, float]:
@@ -141,8 +158,8 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     """Train with early stopping on validation AP; ``model`` ends holding the best epoch's state."""
     t = params.train
     optimizer = build_optimizer(model.parameters(), t)
-    steps_per_epoch = -(-len(train) // t.images_per_batch)
-    scheduler = build_scheduler(optimizer, steps_per_epoch, t)
+    steps = steps_per_epoch(len(train), t)
+    scheduler = build_scheduler(optimizer, steps, t)
     rng = np.random.default_rng(params.seed)
     best: dict = {"best_epoch": 0}
     best_key, best_state = (-1.0, float("-inf")), None
@@ -150,8 +167,8 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     bar = tqdm(range(1, t.epochs + 1), desc="train fast_rcnn", unit="epoch")
     for epoch in bar:
         model.train()
-        meter = _Meter()
-        for images, proposals, targets in tqdm(_batches(train, t.images_per_batch, rng, True), total=steps_per_epoch,
+        meter = _Meter(model.config["num_classes"] + 1)
+        for images, proposals, targets in tqdm(_batches(train, t.images_per_batch, rng, True, steps), total=steps,
                                                desc=f"epoch {epoch}", unit="batch", leave=False):
             with inference_autocast(device):
                 losses, logits, labels = model.losses([i.to(device) for i in images],
@@ -167,8 +184,8 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
             scheduler.step()
             meter.add({k: v.detach() for k, v in losses.items()}, logits, labels)
         train_m = meter.result()
-        val_m = {**validation_loss(model, val, t.images_per_batch, device),
-                 **validation_ap(model, val, params, device)}
+        val_meter = roi_meter(model, val, t.images_per_batch, device)
+        val_m = {**val_meter.result(), **validation_ap(model, val, params, device)}
         epochs_run = epoch
         if live is not None:
             for name in ("loss", "accuracy", "fg_accuracy"):
@@ -180,21 +197,25 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
         key = (val_m["map"], -val_m["loss"])
         if key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())
-            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items()},
-                    **{f"train_{k}": v for k, v in train_m.items()}}
+            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items() if k != "fg_accuracy"},
+                    "val_fg_accuracy": val_meter.tally.per_class(params.classes),
+                    "val_fg_accuracy_overall": val_m["fg_accuracy"],
+                    **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
         bar.set_postfix(loss=f"{train_m['loss']:.3f}", val_map=f"{val_m['map']:.3f}", best=best["best_epoch"])
         if epoch - best["best_epoch"] >= t.patience:
             break
     seconds = time.perf_counter() - start
-    if train_m["fg_accuracy"] == 0.0:
-        warnings.warn(f"training collapsed: the last epoch classified no foreground RoI correctly (the model "
-                      f"predicts background everywhere); lower train.lr = {t.lr} or train fewer backbone units "
-                      f"(model.trainable_layers = {params.model.trainable_layers})", RuntimeWarning, stacklevel=2)
     model.load_state_dict(best_state)
+    trained = roi_meter(model, train, t.images_per_batch, device).tally
+    check_not_collapsed(trained, params.classes, objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train],
+                                                                   params.num_classes),
+                        f"train longer (train.min_steps = {t.min_steps}, train.epochs = {t.epochs}; this run made "
+                        f"{steps} steps an epoch) or lower train.lr = {t.lr}")
+    best.update(train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
-            "train_images": len(train), "val_images": len(val)}
+            "steps_per_epoch": steps, "train_images": len(train), "val_images": len(val)}
 
 
 def run_train_stage(params: Params, features_dir: str | Path = "data/features",

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.bbox_regression import fit_box_regressor
+from rcnn.class_accuracy import ClassTally, check_not_collapsed, objects_per_class
 from rcnn.detection import Detector, labelled_split_ap, postprocess_settings
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
@@ -56,26 +57,23 @@ def class_weights(params: Params) -> torch.Tensor:
 
 
 class _Meter:
-    """Epoch totals: weighted loss (as the whole-epoch weighted mean), accuracy, foreground accuracy."""
+    """Epoch totals: weighted loss (as the whole-epoch weighted mean), accuracy, foreground accuracy (overall
+    and per class)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_labels: int) -> None:
         self.loss = self.weight = 0.0
-        self.correct = self.count = self.fg_correct = self.fg_count = 0
+        self.tally = ClassTally(num_labels)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
         with torch.no_grad():
             self.loss += nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum").item()
             self.weight += weights[labels].sum().item()
-            hit = logits.argmax(dim=1) == labels
-            fg = labels != 0
-            self.correct += int(hit.sum())
-            self.count += len(labels)
-            self.fg_correct += int((hit & fg).sum())
-            self.fg_count += int(fg.sum())
+            self.tally.add(logits.argmax(dim=1), labels)
 
     def result(self) -> dict[str, float]:
-        return {"loss": self.loss / max(self.weight, 1e-12), "accuracy": self.correct / max(self.count, 1),
-                "fg_accuracy": self.fg_correct / max(self.fg_count, 1)}
+        return {"loss": self.loss / max(self.weight, 1e-12),
+                "accuracy": int(self.tally.correct.sum()) / max(int(self.tally.seen.sum()), 1),
+                "fg_accuracy": self.tally.fg_accuracy()}
 
 
 @dataclass
@@ -111,7 +109,7 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
     bar = tqdm(range(1, t.epochs + 1), desc="train", unit="epoch")
     for epoch in bar:
         model.train()
-        train_meter = _Meter()
+        train_meter = _Meter(params.num_classes)
         for x, y in data.train_batches(epoch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = data.logits(model, x)
@@ -122,7 +120,7 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
             scheduler.step()
             train_meter.add(logits.detach(), y, weights)
         model.eval()
-        val_meter = _Meter()
+        val_meter = _Meter(params.num_classes)
         with torch.inference_mode():
             for x, y in data.val_batches():
                 x, y = x.to(device), y.to(device)
@@ -142,8 +140,10 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
         key = (val_m.get("map", 0.0), -val_m["loss"])
         if math.isfinite(val_m["loss"]) and key > best_key:
             best_key = key
-            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items()},
-                    **{f"train_{k}": v for k, v in train_m.items()}}
+            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items() if k != "fg_accuracy"},
+                    "val_fg_accuracy": val_meter.tally.per_class(params.classes),
+                    "val_fg_accuracy_overall": val_m["fg_accuracy"],
+                    **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
             best_state = copy.deepcopy(learned.state_dict())
         bar.set_postfix(train_loss=f"{train_m['loss']:.4f}", val_loss=f"{val_m['loss']:.4f}",
                         best=best["best_epoch"])
@@ -184,7 +184,8 @@ def cached_feature_data(train: dict[str, np.ndarray], val: dict[str, np.ndarray]
 
 def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path, params: Params,
                   device: torch.device) -> TrainData:
-    """Fine-tuning batches: fresh proposal samples each epoch. Validation: the loss on the regions stage's
+    """Fine-tuning batches: fresh proposal samples each epoch (several draws an epoch where one would not
+    reach ``train.min_steps``). Validation: the loss on the regions stage's
     fixed sample of the validation split, and detection AP, which picks the best epoch (the loss alone
     favours early, under-trained epochs). The AP is the evaluate stage's: its post-processing, its
     ``evaluate.max_proposals`` and, with ``model.bbox_regression``, a box regressor fitted to the epoch's
@@ -211,9 +212,18 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
                             **postprocess_settings(params))
         return labelled_split_ap(detector, val_paths, val_items, params.evaluate.max_proposals)
 
-    return TrainData(sampler.epoch, val_batches, logits, sampler.regions_per_epoch,
-                     int(index["splits"][val_split]["regions"]), params.train.batch_size, head_only=False,
-                     val_ap=val_ap)
+    # A small training set repeats the sampler's draw within an epoch until train.min_steps is in reach.
+    t = params.train
+    draw_steps = max(-(-sampler.regions_per_epoch // t.batch_size), 1)
+    wanted_steps = -(-t.min_steps // t.epochs)
+    draws = max(1, -(-wanted_steps // draw_steps))
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        for draw in range(draws):
+            yield from sampler.epoch((epoch - 1) * draws + draw + 1)
+
+    return TrainData(train_batches, val_batches, logits, sampler.regions_per_epoch * draws,
+                     int(index["splits"][val_split]["regions"]), t.batch_size, head_only=False, val_ap=val_ap)
 
 
 def box_regressor(model: RegionClassifier, regions_dir: str | Path, params: Params,
@@ -298,6 +308,25 @@ def _object_scores(model: RegionClassifier, svm: dict[str, torch.Tensor] | None,
         return probs[:, 1:].max(dim=1).values.numpy()
 
 
+def _final_tally(model: RegionClassifier, svm: dict[str, torch.Tensor] | None, feats: dict[str, np.ndarray],
+                 num_labels: int, device: torch.device) -> ClassTally:
+    """How the final classifier labels ``feats``' regions: the softmax's most likely class, or the SVM with
+    the highest margin when that margin is positive (background otherwise)."""
+    tally = ClassTally(num_labels)
+    x, labels = feats["features"], torch.from_numpy(np.asarray(feats["labels"], np.int64))
+    with torch.inference_mode():
+        for s in range(0, len(labels), 4096):
+            f = torch.from_numpy(np.ascontiguousarray(x[s:s + 4096], np.float32))
+            if svm is not None:
+                margins = svm_margins(svm, f)
+                best = margins.max(dim=1)
+                predicted = torch.where(best.values > 0, best.indices + 1, 0)
+            else:
+                predicted = model.classify_features(f.to(device)).argmax(dim=1).cpu()
+            tally.add(predicted, labels[s:s + 4096])
+    return tally
+
+
 def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                     regions_dir: str | Path = "data/regions", model_path: str | Path = "data/model/model.pt",
                     metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive",
@@ -327,12 +356,12 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         else:
             sampler = ProposalSampler(root, items, regions.region_settings(regions_dir), t, params.seed)
             data = finetune_data(sampler, regions_dir, root, params, device)
-            extra = {"pool_regions": sampler.pool_size, "regions_per_epoch": sampler.regions_per_epoch}
+            extra = {"pool_regions": sampler.pool_size, "regions_per_epoch": data.train_size}
         if data.train_size == 0 or data.val_size == 0:
             raise RcnnError(f"no regions to train on ({data.train_size} in {train_split}, {data.val_size} in "
                             f"{val_split}): check the regions stage output in {regions_dir}")
         summary = fit(model, data, params, device, live)
-        if not model.frozen and (m.bbox_regression or m.classifier == "svm" or t.hard_negative_rounds):
+        if not model.frozen:
             # The final backbone's features of the regions stage's samples.
             train = features_mod.split_features(model, regions_dir, train_split, device, t.feature_batch_size)
             val = features_mod.split_features(model, regions_dir, val_split, device, t.feature_batch_size)
@@ -344,6 +373,16 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
             regressor = fit_box_regressor(train["features"], train["labels"], train["boxes"], train["gt_boxes"],
                                           train["ious"], params.num_classes, min_iou=t.bbox_iou,
                                           ridge_lambda=t.bbox_lambda)
+    trained = _final_tally(model, svm, train, params.num_classes, device)
+    objects = objects_per_class([item.gt_labels[~item.gt_difficult]
+                                 for item in _labelled_boxes(regions_dir, train_split)], params.num_classes)
+    check_not_collapsed(trained, params.classes, objects,
+                        f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change "
+                        f"train.lr = {t.lr} or give objects more weight (train.object_weight = {t.object_weight})")
+    summary.update(train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
+    validated = _final_tally(model, svm, val, params.num_classes, device)
+    summary.update(val_fg_accuracy=validated.per_class(params.classes),
+                   val_fg_accuracy_overall=validated.fg_accuracy())
     meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
             "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
             "classifier": m.classifier, "svm": svm, "best_epoch": summary["best_epoch"]}
