@@ -38,12 +38,3 @@ def regions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     regions.run_regions_stage(p, voc_dir, root / "proposals", root / "regions", root / "regions.json", n_jobs=1)
     return root / "regions"
 
-
-@pytest.fixture
-def no_collapse_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For tests of plumbing that train a model for an epoch or two on random-weight features: such a model
-    may not have learned some class yet, and the train stage would rightly refuse to save it
-    (tests/test_class_accuracy.py tests that refusal)."""
-    from rcnn import fast_rcnn_training, training
-    monkeypatch.setattr(training, "check_not_collapsed", lambda *args, **kwargs: None)
-    monkeypatch.setattr(fast_rcnn_training, "check_not_collapsed", lambda *args, **kwargs: None)

@@ -99,7 +99,7 @@ ABLATION = Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
 
 def test_ablation_bench_scores_each_row_with_and_without_box_regression(tmp_path, synthetic_voc):
     out = tmp_path / "ablation"
-    tiny = ["model.hidden=16", "regions.crop_size=64", "train.epochs=1", "train.warmup_epochs=0",
+    tiny = ["model.hidden=16", "regions.crop_size=64", "train.epochs=1", "train.warmup_epochs=0", "train.allow_collapse=true",
             "proposals.max_proposals=100", "evaluate.max_proposals=50"]
     proc = subprocess.run([sys.executable, str(ABLATION), str(synthetic_voc), "--classes", "car", "dog", "person",
                            "--backbone", "resnet18", "--weights", "none", "--split", "test",
@@ -122,7 +122,7 @@ SCALE = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
 def test_scale_bench_runs_every_stage_as_its_own_process_per_size(tmp_path):
     out = tmp_path / "scale"
     proc = subprocess.run([sys.executable, str(SCALE), "--sizes", "8", "12", "--set", "proposals.max_proposals=60",
-                           "evaluate.max_proposals=20", "train.epochs=1", "--out", str(out)],
+                           "evaluate.max_proposals=20", "train.epochs=1", "train.allow_collapse=true", "--out", str(out)],
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((out / "results.json").read_text())["runs"]

@@ -104,3 +104,9 @@ def test_fast_rcnn_forced_to_background_is_one_error_and_no_model(multiclass_box
     with pytest.raises(RcnnError, match=r"^training collapsed: .*train\.min_steps"):
         _train(tiny, voc_dir, root, tmp_path)
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "train.json").exists()
+    # Opting in keeps it, with a warning and the finding in metrics/train.json.
+    tiny["train"]["allow_collapse"] = True
+    with pytest.warns(RuntimeWarning, match="kept because train.allow_collapse is true"):
+        _train(tiny, voc_dir, root, tmp_path)
+    stored = json.loads((tmp_path / "train.json").read_text())
+    assert stored["collapsed"].startswith("training collapsed") and (tmp_path / "model.pt").is_file()

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import voc
+from rcnn import fast_rcnn_training, voc
 from rcnn.detection import run_evaluate_stage
 from rcnn.detectors import family, load_detector, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
 from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, RoIAlignPool, save_fast_rcnn
-from rcnn.fast_rcnn_training import Example, _load
+from rcnn.fast_rcnn_training import Example, _load, steps_per_epoch
 from rcnn.features import run_features_stage
-from rcnn.params import Params, from_dict
+from rcnn.params import Params, TrainParams, from_dict
 from rcnn.proposals import run_proposals_stage
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
 from rcnn.regions import read_index
@@ -157,12 +157,12 @@ def _params(source: Path, **model) -> Params:
                      "image_size": 128, "max_size": 192, "roi_channels": 16, "roi_size": 5, "hidden": 64,
                      "dropout": 0.0, **model},
            "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 3,
-                     "patience": 3, "device": "cpu", "rois_per_image": 64},
+                     "patience": 3, "device": "cpu", "rois_per_image": 64, "allow_collapse": True},  # plumbing
            "evaluate": {"max_proposals": 200}}
     return from_dict(raw)
 
 
-def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path, no_collapse_check):
+def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path):
     params = _params(synthetic_voc)
     run_proposals_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
     metrics = run_regions_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "regions",
@@ -184,3 +184,18 @@ def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path
     stored = json.loads((tmp_path / "eval.json").read_text())
     assert stored["map"] == pytest.approx(result["map"]) and set(stored["time"]) >= {"cnn", "total"}
     assert (tmp_path / "detections" / "detections.npz").is_file()
+
+
+def test_small_sets_repeat_their_images_to_reach_min_steps(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fast_rcnn_training, "_load", lambda example, flip: (example, flip, {}))
+    examples = list(range(5))  # stand-ins: _load is replaced
+    t = TrainParams(images_per_batch=2, epochs=10, min_steps=70)
+    assert steps_per_epoch(5, t) == 7 and steps_per_epoch(5, TrainParams(images_per_batch=2)) == 3
+    batches = list(fast_rcnn_training._batches(examples, 2, np.random.default_rng(0), True, 7))
+    seen = [i for images, _, _ in batches for i in images]
+    assert [len(b[0]) for b in batches] == [2] * 7 and sorted(set(seen)) == examples
+    assert all(seen[:5].count(i) == 1 for i in examples)  # each pass is a permutation
+    # When min_steps does not bind, an epoch is one pass, drawn exactly as without it.
+    one = [i for images, _, _ in fast_rcnn_training._batches(examples, 2, np.random.default_rng(0), True, 3)
+           for i in images]
+    assert one == list(np.random.default_rng(0).permutation(5))

@@ -107,9 +107,11 @@ def test_head_training_learns_the_classes_and_is_reproducible(regions_dir, featu
                                   val["features"][:20])
 
 
-def test_box_regressor_is_fitted_into_the_checkpoint_when_asked(regions_dir, features_dir, tmp_path, no_collapse_check):
+def test_box_regressor_is_fitted_into_the_checkpoint_when_asked(regions_dir, features_dir, tmp_path):
+    # One epoch on random-weight features may not have learned every class yet: keep the model anyway.
     params = dataclasses.replace(tiny_params(bbox_regression=True),
-                                 train=dataclasses.replace(tiny_params().train, epochs=1, bbox_lambda=10.0))
+                                 train=dataclasses.replace(tiny_params().train, epochs=1, bbox_lambda=10.0,
+                                                           allow_collapse=True))
     _train(regions_dir, features_dir, tmp_path, params)
     _, meta = load_checkpoint(tmp_path / "model.pt")
     assert meta["bbox_regressor"]["weight"].shape == (4, 512, 4)
@@ -124,9 +126,9 @@ def test_features_from_another_backbone_are_refused(regions_dir, features_dir, t
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_end_to_end_fine_tuning_changes_only_the_trainable_units(regions_dir, tmp_path, no_collapse_check):
-    params = tiny_params(trainable_layers=1)
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=1))
+def test_end_to_end_fine_tuning_changes_only_the_trainable_units(regions_dir, tmp_path):
+    params = tiny_params(trainable_layers=1)  # one epoch: it may not have learned yet, keep it anyway
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=1, allow_collapse=True))
     metrics = _train(regions_dir, tmp_path / "no-features", tmp_path, params)
     assert metrics["epochs_run"] == 1 and 0 <= metrics["val_fg_accuracy_overall"] <= 1
     model, meta = load_checkpoint(tmp_path / "model.pt")

@@ -93,7 +93,8 @@ def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Gene
     """Batches in a shuffled order with random flips when ``training`` (``steps`` batches, passing over the
     images as often as that takes, each pass in a fresh order), else every image once, in order, unflipped."""
     if training:
-        needed = (steps or -(-len(examples) // images_per_batch)) * images_per_batch
+        one_pass = -(-len(examples) // images_per_batch)
+        needed = steps * images_per_batch if steps and steps > one_pass else len(examples)
         passes = -(-needed // len(examples))
         order = np.concatenate([rng.permutation(len(examples)) for _ in range(passes)])[:needed]
         flips = rng.random(len(order)) < 0.5
@@ -207,11 +208,12 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
     trained = roi_meter(model, train, t.images_per_batch, device).tally
-    check_not_collapsed(trained, params.classes, objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train],
-                                                                   params.num_classes),
-                        f"train longer (train.min_steps = {t.min_steps}, train.epochs = {t.epochs}; this run made "
-                        f"{steps} steps an epoch) or lower train.lr = {t.lr}")
-    best.update(train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
+    collapsed = check_not_collapsed(
+        trained, params.classes, objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train],
+                                                   params.num_classes),
+        f"train longer (train.min_steps = {t.min_steps}, train.epochs = {t.epochs}; this run made {steps} steps "
+        f"an epoch) or lower train.lr = {t.lr}", t.allow_collapse)
+    best.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),

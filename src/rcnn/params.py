@@ -117,6 +117,7 @@ class TrainParams:
     schedule: Literal["constant", "step", "cosine"] = "constant"
     warmup_epochs: int = field(default=0, metadata=_range(0))
     min_steps: int = field(default=0, metadata=_range(0))  # Fast R-CNN: epochs lengthened on small sets to reach it
+    allow_collapse: bool = False  # keep a model that learned no foreground (smoke tests); recorded in train.json
     images_per_batch: int = field(default=2, metadata=_range(1, 64))
     rois_per_image: int = field(default=128, metadata=_range(1, 4096))
     fg_fraction: float = field(default=0.25, metadata=_range(0, 1, lo_open=True))

@@ -376,10 +376,11 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     trained = _final_tally(model, svm, train, params.num_classes, device)
     objects = objects_per_class([item.gt_labels[~item.gt_difficult]
                                  for item in _labelled_boxes(regions_dir, train_split)], params.num_classes)
-    check_not_collapsed(trained, params.classes, objects,
-                        f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change "
-                        f"train.lr = {t.lr} or give objects more weight (train.object_weight = {t.object_weight})")
-    summary.update(train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
+    collapsed = check_not_collapsed(
+        trained, params.classes, objects,
+        f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change train.lr = {t.lr} or "
+        f"give objects more weight (train.object_weight = {t.object_weight})", t.allow_collapse)
+    summary.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
     validated = _final_tally(model, svm, val, params.num_classes, device)
     summary.update(val_fg_accuracy=validated.per_class(params.classes),
                    val_fg_accuracy_overall=validated.fg_accuracy())
