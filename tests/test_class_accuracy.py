@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rcnn import fast_rcnn_training
-from rcnn.class_accuracy import ClassTally, check_not_collapsed, objects_per_class
+from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
 from rcnn.fast_rcnn import build_fast_rcnn
@@ -45,6 +45,13 @@ def test_collapse_check_fires_on_background_everywhere_and_names_what_to_change(
     check_not_collapsed(_tally([1, 2, 3, 0], [1, 2, 3, 0]), CLASSES, objects, "-")  # healthy: silent
     # A class with fewer than 20 training objects may fail alone without stopping the run.
     check_not_collapsed(_tally([1, 0, 3, 0], [1, 2, 3, 0]), CLASSES, np.array([0, 30, 19, 30]), "-")
+
+
+def test_a_training_split_without_objects_is_an_error_and_a_missing_class_a_warning():
+    with pytest.raises(RcnnError, match=r"training split 'train' holds no objects of the classes .*data\.train_split"):
+        check_training_objects(np.array([0, 0, 0, 0]), CLASSES, "train")
+    with pytest.warns(RuntimeWarning, match=r"holds no objects of dog, person: the model cannot learn them"):
+        check_training_objects(np.array([0, 5, 0, 0]), CLASSES, "train")
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,18 @@ def objects_per_class(labels: Sequence[np.ndarray], num_classes: int) -> np.ndar
     return np.bincount(joined, minlength=num_classes)[:num_classes]
 
 
+def check_training_objects(objects: np.ndarray, classes: Sequence[str], split: str) -> None:
+    """One error if the training split has no objects of any class (nothing to learn); a warning naming the
+    classes it has none of (the model cannot learn those)."""
+    if not objects[1:].sum():
+        raise RcnnError(f"the training split {split!r} holds no objects of the classes {list(classes)}: nothing to "
+                        f"learn; check data.train_split and classes")
+    missing = [name for i, name in enumerate(classes, start=1) if not objects[i]]
+    if missing:
+        warnings.warn(f"the training split {split!r} holds no objects of {', '.join(missing)}: the model cannot "
+                      f"learn {'it' if len(missing) == 1 else 'them'}", RuntimeWarning, stacklevel=2)
+
+
 def collapse(tally: ClassTally, classes: Sequence[str], objects: np.ndarray,
              min_objects: int = COLLAPSE_MIN_OBJECTS) -> str | None:
     """What collapsed, if the model classifies no foreground region of its training data correctly, overall

@@ -30,7 +30,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn import voc
-from rcnn.class_accuracy import ClassTally, check_not_collapsed, objects_per_class
+from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
 from rcnn.detection import labelled_split_ap, postprocess_settings
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
@@ -158,6 +158,8 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
         live: Live | None = None) -> dict:
     """Train with early stopping on validation AP; ``model`` ends holding the best epoch's state."""
     t = params.train
+    objects = objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train], params.num_classes)
+    check_training_objects(objects, params.classes, params.data.train_split)
     optimizer = build_optimizer(model.parameters(), t)
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)
@@ -209,11 +211,10 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     model.load_state_dict(best_state)
     trained = roi_meter(model, train, t.images_per_batch, device).tally
     collapsed = check_not_collapsed(
-        trained, params.classes, objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train],
-                                                   params.num_classes),
-        f"train longer (train.min_steps = {t.min_steps}, train.epochs = {t.epochs}; this run made {steps} steps "
-        f"an epoch) or lower train.lr = {t.lr}", t.allow_collapse)
-    best.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
+        trained, params.classes, objects, f"train longer (train.min_steps = {t.min_steps}, train.epochs = "
+        f"{t.epochs}; this run made {steps} steps an epoch) or lower train.lr = {t.lr}", t.allow_collapse)
+    best.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes),
+                train_fg_accuracy_overall=trained.fg_accuracy())
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),

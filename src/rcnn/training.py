@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.bbox_regression import fit_box_regressor
-from rcnn.class_accuracy import ClassTally, check_not_collapsed, objects_per_class
+from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.detection import Detector, labelled_split_ap, postprocess_settings
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
@@ -344,6 +344,9 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     root = voc.find_voc_root(voc_dir) if reads_images else Path(voc_dir)
     items = _labelled_boxes(regions_dir, train_split) if reads_images else []
     extra: dict[str, Any] = {}
+    objects = objects_per_class([item.gt_labels[~item.gt_difficult] for item in (items or _labelled_boxes(
+        regions_dir, train_split))], params.num_classes)
+    check_training_objects(objects, params.classes, train_split)
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         if model.frozen:
             _check_features_info(features_mod.read_info(features_dir), params, features_dir)
@@ -374,13 +377,12 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                                           train["ious"], params.num_classes, min_iou=t.bbox_iou,
                                           ridge_lambda=t.bbox_lambda)
     trained = _final_tally(model, svm, train, params.num_classes, device)
-    objects = objects_per_class([item.gt_labels[~item.gt_difficult]
-                                 for item in _labelled_boxes(regions_dir, train_split)], params.num_classes)
     collapsed = check_not_collapsed(
         trained, params.classes, objects,
         f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change train.lr = {t.lr} or "
         f"give objects more weight (train.object_weight = {t.object_weight})", t.allow_collapse)
-    summary.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes), train_fg_accuracy_overall=trained.fg_accuracy())
+    summary.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes),
+                   train_fg_accuracy_overall=trained.fg_accuracy())
     validated = _final_tally(model, svm, val, params.num_classes, device)
     summary.update(val_fg_accuracy=validated.per_class(params.classes),
                    val_fg_accuracy_overall=validated.fg_accuracy())
