@@ -11,7 +11,9 @@ hard-negative mining (:mod:`rcnn.hard_negatives`); then box regression on the fi
 Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
 loss with the best state kept; seeded model init, sampling, dropout and flips, so the same
 params give the same metrics. Per-epoch curves go to dvclive, the best epoch's numbers to
-``metrics/train.json`` and the best model to ``data/model/model.pt``.
+``metrics/train.json`` and the best model to ``data/model/model.pt``, unless the final classifier
+labels no foreground of its training regions correctly (:mod:`rcnn.class_accuracy`): then the stage
+stops instead, and ``metrics/train.json`` reports each class's foreground accuracy either way.
 """
 
 from __future__ import annotations
