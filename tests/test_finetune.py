@@ -31,7 +31,7 @@ def _items(regions_dir: Path):
 
 
 def _sampler(regions_dir: Path, **train_changes) -> ProposalSampler:
-    train = TrainParams(batch_size=32, fg_fraction=0.25, **train_changes)
+    train = TrainParams(**{"batch_size": 32, "fg_fraction": 0.25, **train_changes})
     return ProposalSampler(regions_dir.parent / "VOC2007", _items(regions_dir), regions.region_settings(regions_dir),
                            train, seed=0)
 
@@ -64,6 +64,22 @@ def test_every_batch_has_the_requested_foreground_share_and_epochs_draw_afresh(r
     first = [(c.clone(), y.clone()) for c, y in sampler.epoch(2)]
     again = list(sampler.epoch(2))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+
+
+def test_tiny_batches_all_foreground_batches_and_images_without_objects_do_not_crash(regions_dir):
+    """Issue 23, defect 2: a chunk that draws no foreground or no background used to end in
+    ``ValueError: need at least one array to stack``."""
+    tiny = _sampler(regions_dir, batch_size=2)  # round(0.25 x 2) = 0: still one foreground a batch
+    assert all(int((y > 0).sum()) == 1 for _, y in tiny.epoch(1))
+    only_fg = _sampler(regions_dir, fg_fraction=1.0)
+    assert all(bool((y > 0).all()) for _, y in only_fg.epoch(1))
+    items = [dataclasses.replace(i, labels=np.zeros_like(i.labels), gt_boxes=np.zeros((0, 4), np.float32),
+                                 gt_labels=np.zeros(0, np.int64), gt_difficult=np.zeros(0, bool))
+             if k % 3 else i for k, i in enumerate(_items(regions_dir))]
+    mostly_empty = ProposalSampler(regions_dir.parent / "VOC2007", items, regions.region_settings(regions_dir),
+                                   TrainParams(batch_size=32, fg_fraction=0.25), seed=0)
+    batches = list(mostly_empty.epoch(1))
+    assert batches and sum(len(y) for _, y in batches) == mostly_empty.regions_per_epoch
 
 
 def test_jittered_boxes_keep_their_labels(regions_dir):

@@ -41,13 +41,57 @@ from rcnn.detection import Detector, postprocess_detections
 from rcnn.errors import RcnnError
 from rcnn.evaluation import Detections
 from rcnn.model import (IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone, inference_autocast,
-                        state_payload, use_channels_last, write_checkpoint)
+                        is_int_in, state_payload, use_channels_last, write_checkpoint)
 from rcnn.params import Params, to_dict
 
 # Constructor arguments of FastRCNN that a checkpoint records (its "config").
 FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResNet layer4, MobileNet features)
 CONFIG_KEYS = ("backbone", "num_classes", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout",
                "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction")
+
+
+def _fraction(value: Any, lo_open: bool = False) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value if lo_open else 0 <= value) \
+        and value <= 1
+
+
+def check_config(config: dict[str, Any], classes: Any) -> None:
+    """Raise ValueError naming the first field of a Fast R-CNN checkpoint's config that cannot be right
+    (the ranges ``params.yaml`` allows), before anything is built from it."""
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError("classes must be a non-empty list of names")
+    image_size, max_size = config["image_size"], config["max_size"]
+    image_size_ok = is_int_in(image_size, 32, 2000)
+    max_size_ok = is_int_in(max_size, 32, 4000) and (not image_size_ok or max_size >= image_size)
+    checks = {
+        "backbone": isinstance(config["backbone"], str),
+        "num_classes": config["num_classes"] == len(classes) and is_int_in(config["num_classes"], 1),
+        "trainable_layers": is_int_in(config["trainable_layers"], 0),
+        "roi_channels": is_int_in(config["roi_channels"], 0, 4096), "roi_size": is_int_in(config["roi_size"], 1, 32),
+        "hidden": is_int_in(config["hidden"], 1, 1 << 16),
+        "dropout": _fraction(config["dropout"]) and config["dropout"] < 1,
+        "image_size": image_size_ok, "max_size": max_size_ok,
+        "train_sizes": isinstance(config["train_sizes"], (list, tuple))
+        and all(is_int_in(s, 32, max_size if max_size_ok else None) for s in config["train_sizes"]),
+        "fg_iou": _fraction(config["fg_iou"], lo_open=True), "bg_iou": _fraction(config["bg_iou"]),
+        "rois_per_image": is_int_in(config["rois_per_image"], 1, 4096),
+        "fg_fraction": _fraction(config["fg_fraction"], lo_open=True),
+    }
+    bad = next((name for name, ok in checks.items() if not ok), None)
+    if bad is not None:
+        raise ValueError(f"config {bad} = {config[bad]!r} is invalid")
+
+
+def pad_to_resizable(image: torch.Tensor, max_size: int) -> torch.Tensor:
+    """``image`` (C,H,W) padded at the bottom or right so that, resized to fit ``max_size``, its short
+    side keeps at least one feature cell (:data:`FEATURE_STRIDE` px). An image over 25 times longer
+    than wide would otherwise shrink to a 0-pixel side; padding there moves no box coordinate."""
+    h, w = image.shape[-2:]
+    short = -(-FEATURE_STRIDE * max(h, w) // max_size)
+    if min(h, w) >= short:
+        return image
+    pad_w, pad_h = (short - w, 0) if w < h else (0, short - h)
+    return nn.functional.pad(image, (0, max(pad_w, 0), 0, max(pad_h, 0)))
 
 
 def _feature_body(trunk: nn.Module) -> nn.Module:
@@ -148,6 +192,7 @@ class FastRCNN(nn.Module):
     def _features(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
                   targets: list[dict[str, torch.Tensor]] | None = None):
         """Resize and normalise, run the backbone once; proposals (and targets) scaled to match."""
+        images = [pad_to_resizable(img, self.config["max_size"]) for img in images]
         sizes = [tuple(img.shape[-2:]) for img in images]
         batch, targets = self.transform(images, targets)
         scaled = []
@@ -211,8 +256,7 @@ def load_fast_rcnn(payload: dict[str, Any], path: str | Path, device: torch.devi
     meta = payload["meta"]
     try:
         config = {key: meta["config"][key] for key in CONFIG_KEYS}
-        if config["num_classes"] != len(meta["classes"]):
-            raise KeyError("num_classes")
+        check_config(config, meta["classes"])
         config["train_sizes"] = tuple(config["train_sizes"])
         model = FastRCNN(**config)
         model.load_state_dict(payload["state_dict"], strict=True)

@@ -3,7 +3,8 @@
 Each epoch draws ``images x regions.max_boxes`` regions from *all* labelled proposals of the
 training images (``boxes.npz`` of the regions stage) plus their ground-truth boxes, in
 mini-batches of ``train.batch_size`` holding exactly ``round(train.fg_fraction x batch_size)``
-foreground regions (the paper: 32 of 128). Images are taken in chunks of :data:`CHUNK_IMAGES`:
+foreground regions, at least one (the paper: 32 of 128); a chunk of images without any foreground
+(or any background) fills its batches from what it has. Images are taken in chunks of :data:`CHUNK_IMAGES`:
 a chunk's images are decoded once and its batches' crops warped from them with the warp and
 context padding detection uses, so memory stays bounded whatever the split size. Augmentation
 stays within test conditions: horizontal flips and, with ``train.box_jitter``, box corners moved
@@ -77,7 +78,8 @@ class ProposalSampler:
         self.root, self.items, self.regions, self.train, self.seed = root, list(items), regions, train, seed
         self.pools = [_pools(item, regions.difficult_as_foreground) for item in self.items]
         self.batch_size = train.batch_size
-        self.batch_fg = min(self.batch_size, int(round(train.fg_fraction * self.batch_size)))
+        # At least one foreground region a batch: fg_fraction > 0 asks for some, however small the batch.
+        self.batch_fg = min(self.batch_size, max(1, int(round(train.fg_fraction * self.batch_size))))
 
     @property
     def pool_size(self) -> int:
@@ -125,10 +127,12 @@ class ProposalSampler:
         fg_owner, fg_row = self._draw(fg_sizes, n_batches * n_fg, rng)
         bg_owner, bg_row = self._draw(bg_sizes, n_batches * (self.batch_size - n_fg), rng)
         owner = np.concatenate([fg_owner, bg_owner])
-        boxes = np.concatenate([np.stack([pools[o].fg_boxes[r] for o, r in zip(fg_owner, fg_row)]).reshape(-1, 4),
-                                np.stack([pools[o].bg_boxes[r] for o, r in zip(bg_owner, bg_row)]).reshape(-1, 4)])
-        labels = np.concatenate([[pools[o].fg_labels[r] for o, r in zip(fg_owner, fg_row)],
-                                 np.zeros(len(bg_owner))]).astype(np.int64)
+        # np.array, not np.stack: a chunk may draw no foreground (or no background) at all.
+        boxes = np.concatenate([
+            np.array([pools[o].fg_boxes[r] for o, r in zip(fg_owner, fg_row)], np.float32).reshape(-1, 4),
+            np.array([pools[o].bg_boxes[r] for o, r in zip(bg_owner, bg_row)], np.float32).reshape(-1, 4)])
+        labels = np.concatenate([np.array([pools[o].fg_labels[r] for o, r in zip(fg_owner, fg_row)], np.int64),
+                                 np.zeros(len(bg_owner), np.int64)])
         crops = self._warp(chunk, owner, boxes, labels, rng)
         flip = rng.random(len(crops)) < 0.5
         crops[flip] = crops[flip, :, ::-1]

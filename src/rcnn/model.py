@@ -341,7 +341,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     return model.to(device).eval(), meta
 
 
-def _is_int(value: Any, lo: int, hi: int | None = None) -> bool:
+def is_int_in(value: Any, lo: int, hi: int | None = None) -> bool:
+    """``value`` is an int (not a bool) in ``[lo, hi]``: checkpoint metadata is checked before use."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
 
 
@@ -350,9 +351,9 @@ def _check_meta(meta: dict[str, Any]) -> None:
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise ValueError("classes must be a non-empty list of names")
-    checks = {"hidden": _is_int(meta["hidden"], 1, 1 << 16), "trainable_layers": _is_int(meta["trainable_layers"], 0),
-              "crop_size": _is_int(meta["crop_size"], 32, 1024),
-              "context": _is_int(meta["context"], 0) and 2 * meta["context"] < meta["crop_size"],
+    checks = {"hidden": is_int_in(meta["hidden"], 1, 1 << 16), "trainable_layers": is_int_in(meta["trainable_layers"], 0),
+              "crop_size": is_int_in(meta["crop_size"], 32, 1024),
+              "context": is_int_in(meta["context"], 0) and 2 * meta["context"] < meta["crop_size"],
               "dropout": isinstance(meta["dropout"], float) and 0 <= meta["dropout"] < 1,
               "backbone": isinstance(meta["backbone"], str)}
     bad = next((name for name, ok in checks.items() if not ok), None)

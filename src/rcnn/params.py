@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -306,10 +307,28 @@ def _check_consistency(p: Params) -> None:
     if p.proposals.scheduler is not None and p.proposals.backend != "dask":
         raise ParamError(f"proposals.scheduler = {p.proposals.scheduler!r} is only used with proposals.backend = "
                          f"'dask' (it is {p.proposals.backend!r}): set the backend or the scheduler to null")
+    if p.proposals.scheduler is not None:
+        _check_scheduler_address(p.proposals.scheduler)
+    if p.train.bg_iou_low >= p.regions.bg_iou:
+        raise ParamError(f"train.bg_iou_low = {p.train.bg_iou_low!r} is invalid: must be < regions.bg_iou "
+                         f"({p.regions.bg_iou!r}), or no proposal is background and Fast R-CNN trains without any")
     if p.proposals.n_jobs == 0:
         raise ParamError("proposals.n_jobs = 0 is invalid: expected a positive count or -1 for all cores")
     if p.data.source == "download" and not p.data.mirrors:
         raise ParamError("data.mirrors = [] is invalid: downloading needs at least one mirror URL")
+
+
+_SCHEDULER = re.compile(r"^(?:(?P<scheme>[a-z][a-z0-9+.-]*)://)?(?P<host>\[[^\]]+\]|[^:/\s]+)(?::(?P<port>[^/\s]*))?/?$")
+
+
+def _check_scheduler_address(address: str) -> None:
+    """A dask address ``[scheme://]host[:port]`` with a port in 1..65535: a port that cannot exist would
+    otherwise wait the whole connection timeout before saying so."""
+    match = _SCHEDULER.match(address)
+    port = match and match["port"]
+    if not match or (port is not None and not (port.isdigit() and 1 <= int(port) <= 65535)):
+        raise ParamError(f"proposals.scheduler = {address!r} is invalid: expected a dask scheduler address such "
+                         f"as 'tcp://127.0.0.1:8786' (port 1-65535)")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

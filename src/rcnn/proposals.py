@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import multiprocessing
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import cv2
 import joblib
 import numpy as np
+from joblib.parallel import MultiprocessingBackend, get_active_backend
 from tqdm import tqdm
 
 from rcnn import voc
@@ -176,7 +178,7 @@ def parallel_backend(backend: str, n_jobs: int, scheduler: str | None = None) ->
         if scheduler is not None:
             try:
                 own = Client(scheduler, timeout=DASK_CONNECT_SECONDS)
-            except (OSError, TimeoutError, ValueError) as err:
+            except (OSError, TimeoutError, ValueError, TypeError) as err:  # TypeError: tls:// without a security
                 raise RcnnError(f"proposals.scheduler = {scheduler!r}: cannot reach the dask scheduler ({err})") from None
         else:
             try:
@@ -202,6 +204,19 @@ def parallel_backend(backend: str, n_jobs: int, scheduler: str | None = None) ->
             yield
 
 
+def _parallel(n_jobs: int) -> joblib.Parallel:
+    """joblib.Parallel on the active backend, streaming results as they finish (a live progress bar).
+
+    joblib's multiprocessing backend can neither stream nor fork safely once torch or OpenMP threads
+    exist in this process (its forked workers deadlock): it gets clean forkserver (or spawn) workers
+    and returns the whole list at the end.
+    """
+    if isinstance(get_active_backend()[0], MultiprocessingBackend):
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        return joblib.Parallel(n_jobs=n_jobs, backend=multiprocessing.get_context(method), return_as="list")
+    return joblib.Parallel(n_jobs=n_jobs, return_as="generator")
+
+
 @dataclass(frozen=True)
 class ProposalRun:
     """Proposals of one list of images plus what happened while computing them."""
@@ -225,7 +240,7 @@ def compute_proposals(root: str | Path, image_ids: Sequence[str], mode: Mode = "
     jobs = (joblib.delayed(_propose_one)(i, str(voc.image_path(root, i)), mode, max_proposals, max_side, min_size)
             for i in image_ids)
     with parallel_backend(backend, n_jobs) if backend is not None else contextlib.nullcontext():
-        results = joblib.Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
+        results = _parallel(n_jobs)(jobs)
         for image_id, found, reason in tqdm(results, total=len(image_ids), desc=desc, unit="img"):
             if found is None:
                 warnings.warn(f"skipping image {image_id}: {reason}", RuntimeWarning, stacklevel=2)
