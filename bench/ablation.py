@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from families import (ap_cell, dataset_params, dataset_parser, intervals_cell, pipeline, seed_summary,
+from families import (ap_cell, dataset_params, dataset_parser, git_commit, intervals_cell, pipeline, seed_summary,
                       write_results)  # bench/ is the script's folder
 from rcnn import presets
 from rcnn.detection import run_evaluate_stage
@@ -72,6 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    args.commit = git_commit()  # at the start: the code the runs use
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-ablation-") as tmp:
         for name in args.rows:

@@ -263,6 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    args.commit = git_commit()  # at the start: the code the runs use, whatever changes while they run
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-families-") as tmp:
         first_work = None
@@ -287,9 +288,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def write_results(args: argparse.Namespace, rows: dict[str, dict], table: Callable[[dict], str]) -> dict[str, Any]:
-    """``results.json`` (rows, dataset, options, environment) and ``results.md`` (``table(results)``) in
-    ``args.out``; the table is printed too."""
-    results = {"rows": rows, "command": " ".join(["python", *sys.argv]), "commit": git_commit(),
+    """``results.json`` (rows, dataset, options, environment, ``args.commit``) and ``results.md``
+    (``table(results)``) in ``args.out``; the table is printed too."""
+    results = {"rows": rows, "command": " ".join(["python", *sys.argv]), "commit": args.commit,
                "dataset": str(args.voc_dir), "classes": args.classes, "split": args.split,
                "backbone": args.backbone, "weights": args.weights, "set": args.set, "seeds": args.seeds,
                "environment": {"python": platform.python_version(), "torch": torch.__version__,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rcnn import proposals, regions
-from rcnn.params import Params
+from rcnn import features, proposals, regions
+from rcnn.params import ModelParams, Params, TrainParams
 from rcnn.synthetic import generate
 
 REGION_CLASSES = ["car", "dog", "person"]
@@ -38,3 +38,14 @@ def regions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     regions.run_regions_stage(p, voc_dir, root / "proposals", root / "regions", root / "regions.json", n_jobs=1)
     return root / "regions"
 
+
+
+@pytest.fixture(scope="session")
+def features_dir(regions_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cached features of ``regions_dir`` (resnet18, random weights, the params of test_training's
+    ``tiny_params``); treat it as read-only."""
+    out = tmp_path_factory.mktemp("features") / "features"
+    params = Params(classes=REGION_CLASSES, model=ModelParams(backbone="resnet18", weights="none", hidden=64),
+                    train=TrainParams(feature_batch_size=64))
+    features.run_features_stage(params, regions_dir, out)
+    return out

@@ -15,6 +15,7 @@ from rcnn.detectors import load_detector
 from rcnn.errors import ParamError, RcnnError
 from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, pad_to_resizable, save_fast_rcnn
 from rcnn.params import Params, from_dict
+from rcnn.region_boxes import BOXES_FILE, load_boxes
 
 CLASSES = ["car", "dog", "person"]
 
@@ -94,3 +95,69 @@ def test_minor_background_ious_that_leave_fast_rcnn_no_background_are_refused():
     with pytest.raises(ParamError, match=r"train.bg_iou_low = 0.5 is invalid: must be < regions.bg_iou \(0.5\)"):
         from_dict({"regions": {"fg_iou": 0.5, "bg_iou": 0.5}, "train": {"bg_iou_low": 0.5}})
     assert from_dict({"regions": {"fg_iou": 0.5, "bg_iou": 0.5}, "train": {"bg_iou_low": 0.1}})
+
+
+# 7 ------------------------------------------------------------------------------------------------
+
+def _edit_boxes(regions_dir: Path, tmp_path: Path, edit) -> Path:
+    source = regions_dir / "train" / BOXES_FILE
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {key: data[key].copy() for key in data.files}
+    edit(arrays)
+    path = tmp_path / BOXES_FILE
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("what, edit", [
+    ("labels for .* proposals", lambda a: a.update(labels=a["labels"][:-5])),
+    ("object labels outside 1..3", lambda a: a["gt_labels"].__setitem__(0, 99)),
+    ("object boxes are not finite", lambda a: a["gt_boxes"].__setitem__((0, 2), np.nan)),
+    ("proposal offsets do not split", lambda a: a.update(proposal_offsets=a["proposal_offsets"] * 3)),
+    ("proposals lie outside their image", lambda a: a.update(proposals=a["proposals"] * 3)),
+    ("proposal labels outside -1..3", lambda a: a["labels"].__setitem__(0, -7)),
+])
+def test_7_an_inconsistent_labelled_boxes_file_is_one_error_naming_it(regions_dir, tmp_path, what, edit):
+    path = _edit_boxes(regions_dir, tmp_path, edit)
+    with pytest.raises(RcnnError, match=f"{BOXES_FILE} is not a valid labelled-boxes file .*{what}.*rerun the "
+                                        f"regions stage"):
+        load_boxes(path, num_classes=3)
+
+
+def test_7_the_regions_stages_own_file_loads(regions_dir):
+    items = load_boxes(regions_dir / "train" / BOXES_FILE, num_classes=3)
+    assert items and all(len(i.labels) == len(i.proposals) for i in items)
+
+
+# 8 ------------------------------------------------------------------------------------------------
+
+def test_8_an_interrupted_train_stage_leaves_the_previous_curves_model_and_metrics(regions_dir, features_dir,
+                                                                                tmp_path, monkeypatch):
+    from rcnn import training
+    from rcnn.params import ModelParams, TrainParams
+
+    params = Params(classes=CLASSES, model=ModelParams(backbone="resnet18", weights="none", hidden=16),
+                    train=TrainParams(lr=1e-3, batch_size=32, epochs=3, patience=3, device="cpu",
+                                      allow_collapse=True))
+    out = tmp_path / "out"
+
+    def train() -> dict:
+        return training.run_train_stage(params, features_dir, regions_dir, out / "model.pt", out / "train.json",
+                                        out / "dvclive", regions_dir.parent / "VOC2007")
+
+    train()
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert not (out / "dvclive" / "metrics.json").exists()  # undeclared: it would go stale after a restore
+    real_fit = training.fit
+
+    def interrupted_fit(model, data, params, device, live=None):
+        live.log_metric("train/loss", 123.0)
+        live.next_step()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert real_fit is not interrupted_fit

@@ -30,13 +30,6 @@ def _all_regions(regions_dir: Path, split: str) -> dict[str, np.ndarray]:
     return {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
 
 
-@pytest.fixture(scope="module")
-def features_dir(regions_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("features") / "features"
-    features.run_features_stage(tiny_params(), regions_dir, out)
-    return out
-
-
 def test_features_stage_caches_what_the_model_computes_in_region_order(regions_dir, features_dir):
     info = json.loads((features_dir / "info.json").read_text())
     assert info["cached"] and info["backbone"] == "resnet18" and info["dim"] == 512

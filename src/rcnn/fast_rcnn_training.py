@@ -36,6 +36,7 @@ from rcnn.detection import labelled_split_ap, postprocess_settings
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
                             to_continuous)
 from rcnn.fileio import write_json
+from rcnn.live import staged_live
 from rcnn.model import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, TrainParams
@@ -236,19 +237,17 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                         f"params say {params.classes}: rerun the regions stage")
     root = voc.find_voc_root(voc_dir)
     difficult = bool(index["difficult_as_foreground"])
-    train = _examples(root, load_boxes(Path(regions_dir) / params.data.train_split / BOXES_FILE), difficult,
-                      params.train.bg_iou_low)
-    val = _examples(root, load_boxes(Path(regions_dir) / params.data.val_split / BOXES_FILE), difficult,
-                    params.train.bg_iou_low)
+    train, val = (_examples(root, load_boxes(Path(regions_dir) / split / BOXES_FILE, len(params.classes)), difficult,
+                            params.train.bg_iou_low) for split in (params.data.train_split, params.data.val_split))
     if not train or not val:
         raise RcnnError(f"no images to train on ({len(train)} in {params.data.train_split}, {len(val)} in "
                         f"{params.data.val_split}): check the regions stage output in {regions_dir}")
     device = select_device(params.train.device)
     torch.manual_seed(params.seed)  # RoI sampling, dropout, multi-scale sizes
     model = build_fast_rcnn(params, index["fg_iou"], index["bg_iou"]).to(device)
-    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with staged_live(live_dir) as live:  # the curves land only with the model they describe
         summary = fit(model, train, val, params, device, live)
-    save_fast_rcnn(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
-    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
-    write_json(metrics_path, metrics)
+        save_fast_rcnn(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
+        metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
+        write_json(metrics_path, metrics)
     return metrics

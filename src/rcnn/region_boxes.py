@@ -92,15 +92,61 @@ def save_boxes(path: str | Path, items: Sequence[ImageBoxes]) -> None:
         np.savez(fh, **arrays)
 
 
-def load_boxes(path: str | Path) -> list[ImageBoxes]:
-    """The labelled boxes of a split written by :func:`save_boxes`, in image-id order."""
+def load_boxes(path: str | Path, num_classes: int | None = None) -> list[ImageBoxes]:
+    """The labelled boxes of a split written by :func:`save_boxes`, in image-id order.
+
+    A file that loads but cannot be right (offsets that do not match the arrays, boxes outside their
+    image or not finite, labels outside ``0..num_classes``) is one error naming the file, not a
+    crash or a wrong message several steps later.
+    """
     a = load_npz(path, "labelled-boxes", "regions")
     try:
-        p_off, g_off = a["proposal_offsets"], a["gt_offsets"]
-        return [ImageBoxes(str(image_id), int(w), int(h),
-                           a["proposals"][p_off[k]:p_off[k + 1]].reshape(-1, 4), a["labels"][p_off[k]:p_off[k + 1]],
-                           a["gt_boxes"][g_off[k]:g_off[k + 1]].reshape(-1, 4), a["gt_labels"][g_off[k]:g_off[k + 1]],
-                           a["gt_difficult"][g_off[k]:g_off[k + 1]])
-                for k, (image_id, (w, h)) in enumerate(zip(a["image_ids"], a["sizes"]))]
+        problem = _inconsistency(a, num_classes)
+        if problem is None:
+            p_off, g_off = a["proposal_offsets"], a["gt_offsets"]
+            return [ImageBoxes(str(image_id), int(w), int(h), a["proposals"][p_off[k]:p_off[k + 1]].reshape(-1, 4),
+                               a["labels"][p_off[k]:p_off[k + 1]], a["gt_boxes"][g_off[k]:g_off[k + 1]].reshape(-1, 4),
+                               a["gt_labels"][g_off[k]:g_off[k + 1]], a["gt_difficult"][g_off[k]:g_off[k + 1]])
+                    for k, (image_id, (w, h)) in enumerate(zip(a["image_ids"], a["sizes"]))]
     except (ValueError, KeyError, IndexError, TypeError) as err:
-        raise RcnnError(f"{path} is not a valid labelled-boxes file ({err}); rerun the regions stage") from None
+        problem = str(err)
+    raise RcnnError(f"{path} is not a valid labelled-boxes file ({problem}); rerun the regions stage")
+
+
+def _offsets_problem(offsets: np.ndarray, images: int, rows: int, name: str) -> str | None:
+    if offsets.shape != (images + 1,) or offsets[0] != 0 or offsets[-1] != rows or (np.diff(offsets) < 0).any():
+        return f"{name} do not split {rows} rows over {images} images"
+    return None
+
+
+def _boxes_problem(boxes: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, name: str) -> str | None:
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
+        return f"{name} are not finite (N, 4) boxes"
+    owner = np.repeat(np.arange(len(sizes)), np.diff(offsets))
+    w, h = sizes[owner, 0], sizes[owner, 1]
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w - 1) & (boxes[:, 3] <= h - 1)
+    ordered = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    return None if (inside & ordered).all() else f"{int((~(inside & ordered)).sum())} {name} lie outside their image"
+
+
+def _inconsistency(a: dict[str, np.ndarray], num_classes: int | None) -> str | None:
+    """What makes the arrays of a labelled-boxes file impossible, or None."""
+    images = len(a["image_ids"])
+    sizes = a["sizes"]
+    if a["image_ids"].ndim != 1 or sizes.shape != (images, 2) or (sizes < 1).any():
+        return "image ids and sizes do not match"
+    proposals, labels, gt_boxes = a["proposals"], a["labels"], a["gt_boxes"]
+    gt_labels, gt_difficult = a["gt_labels"], a["gt_difficult"]
+    if labels.shape != (len(proposals),):
+        return f"{len(labels)} labels for {len(proposals)} proposals"
+    if gt_labels.shape != (len(gt_boxes),) or gt_difficult.shape != (len(gt_boxes),):
+        return f"{len(gt_labels)} labels and {len(gt_difficult)} difficult flags for {len(gt_boxes)} objects"
+    top = np.inf if num_classes is None else num_classes
+    if len(labels) and (labels.min() < -1 or labels.max() > top):
+        return f"proposal labels outside -1..{top}"
+    if len(gt_labels) and (gt_labels.min() < 1 or gt_labels.max() > top):
+        return f"object labels outside 1..{top}"
+    return (_offsets_problem(a["proposal_offsets"], images, len(proposals), "proposal offsets")
+            or _offsets_problem(a["gt_offsets"], images, len(gt_boxes), "object offsets")
+            or _boxes_problem(proposals, a["proposal_offsets"], sizes, "proposals")
+            or _boxes_problem(gt_boxes, a["gt_offsets"], sizes, "object boxes"))

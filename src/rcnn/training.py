@@ -41,6 +41,7 @@ from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.finetune import ProposalSampler
 from rcnn.hard_negatives import mine_hard_negatives, negative_pool, pool_scores
+from rcnn.live import staged_live
 from rcnn.model import RegionClassifier, build_model, inference_autocast, preprocess, save_checkpoint, select_device
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, to_dict
@@ -258,7 +259,7 @@ def _labelled_boxes(regions_dir: str | Path, split: str) -> list[ImageBoxes]:
     if rel is None:
         raise RcnnError(f"{Path(regions_dir) / 'index.json'} lists no labelled boxes for {split}: rerun the "
                         f"regions stage (dvc repro)")
-    return load_boxes(Path(regions_dir) / rel)
+    return load_boxes(Path(regions_dir) / rel, len(index.get("classes", [])) or None)
 
 
 def fit_classifier(model: RegionClassifier, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
@@ -349,7 +350,7 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     objects = objects_per_class([item.gt_labels[~item.gt_difficult] for item in (items or _labelled_boxes(
         regions_dir, train_split))], params.num_classes)
     check_training_objects(objects, params.classes, train_split)
-    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with staged_live(live_dir) as live:
         if model.frozen:
             _check_features_info(features_mod.read_info(features_dir), params, features_dir)
             train = features_mod.load_features(features_dir, train_split, params.num_classes)
@@ -378,21 +379,22 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
             regressor = fit_box_regressor(train["features"], train["labels"], train["boxes"], train["gt_boxes"],
                                           train["ious"], params.num_classes, min_iou=t.bbox_iou,
                                           ridge_lambda=t.bbox_lambda)
-    trained = _final_tally(model, svm, train, params.num_classes, device)
-    collapsed = check_not_collapsed(
-        trained, params.classes, objects,
-        f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change train.lr = {t.lr} or "
-        f"give objects more weight (train.object_weight = {t.object_weight})", t.allow_collapse)
-    summary.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes),
-                   train_fg_accuracy_overall=trained.fg_accuracy())
-    validated = _final_tally(model, svm, val, params.num_classes, device)
-    summary.update(val_fg_accuracy=validated.per_class(params.classes),
-                   val_fg_accuracy_overall=validated.fg_accuracy())
-    meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
-            "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
-            "classifier": m.classifier, "svm": svm, "best_epoch": summary["best_epoch"]}
-    save_checkpoint(model_path, model.cpu(), meta)
-    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
-    metrics["final_classifier"] = classifier
-    write_json(metrics_path, metrics)
+        # Checked, saved and written inside the block: the curves land only with the model they describe.
+        trained = _final_tally(model, svm, train, params.num_classes, device)
+        collapsed = check_not_collapsed(
+            trained, params.classes, objects,
+            f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change train.lr = {t.lr} or "
+            f"give objects more weight (train.object_weight = {t.object_weight})", t.allow_collapse)
+        summary.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes),
+                       train_fg_accuracy_overall=trained.fg_accuracy())
+        validated = _final_tally(model, svm, val, params.num_classes, device)
+        summary.update(val_fg_accuracy=validated.per_class(params.classes),
+                       val_fg_accuracy_overall=validated.fg_accuracy())
+        meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
+                "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
+                "classifier": m.classifier, "svm": svm, "best_epoch": summary["best_epoch"]}
+        save_checkpoint(model_path, model.cpu(), meta)
+        metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
+        metrics["final_classifier"] = classifier
+        write_json(metrics_path, metrics)
     return metrics
