@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torchvision
 
-from rcnn import features, proposals, regions, synthetic, training, voc
+from rcnn import features, proposals, regions, synthetic, train_data, training, voc
 from rcnn.detection import Detector, Timings
 from rcnn.errors import RcnnError, run_cli
 from rcnn.fileio import atomic_path, write_json
@@ -253,7 +253,7 @@ def bench_training(w: Workload, repeats: int, regions_dir: Path, tut_files: list
     for _ in range(repeats):
         torch.manual_seed(p.seed)
         model = build_model(p).to(device)
-        data = training.cached_feature_data(feats, feats, p.train.batch_size, p.seed, device)
+        data = train_data.cached_feature_data(feats, feats, p.train.batch_size, p.seed, device)
         summary, seconds = timed(lambda: training.fit(model, data, p, device))
         head_epoch.append(seconds / summary["epochs_run"])
     one_epoch = dataclasses.replace(p, train=dataclasses.replace(p.train, epochs=1, patience=1))

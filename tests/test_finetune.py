@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from rcnn import features, regions, training, voc
+from rcnn import features, regions, train_data, training, voc
 from rcnn.boxes import box_iou
 from rcnn.crops import warp_crops
 from rcnn.detectors import load_detector
@@ -148,8 +148,8 @@ def test_the_softmax_head_separates_the_same_toy_problem():
     params = Params(classes=CLASSES, train=TrainParams(lr=1e-3, batch_size=32, epochs=30, patience=30, device="cpu"))
     model = RegionClassifier("resnet18", len(CLASSES), hidden=32, dropout=0.0)
     x, y = _toy(model.feature_dim, 1200, seed=2)
-    data = training.cached_feature_data({"features": x[:900], "labels": y[:900]},
-                                        {"features": x[900:], "labels": y[900:]}, 32, 0, torch.device("cpu"))
+    data = train_data.cached_feature_data({"features": x[:900], "labels": y[:900]},
+                                          {"features": x[900:], "labels": y[900:]}, 32, 0, torch.device("cpu"))
     summary = training.fit(model, data, params, torch.device("cpu"))
     assert summary["val_accuracy"] > 0.97 and summary["val_fg_accuracy_overall"] > 0.97
 

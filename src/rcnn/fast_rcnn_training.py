@@ -36,12 +36,12 @@ from rcnn.detection import labelled_split_ap, postprocess_settings
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
                             to_continuous)
 from rcnn.fileio import write_json
-from rcnn.live import staged_live
 from rcnn.model import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, TrainParams
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
+from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 
 VAL_SAMPLE_SEED = 12345  # the validation loss uses the same RoI sample every epoch
 
@@ -156,8 +156,11 @@ def validation_ap(model: FastRCNN, examples: list[Example], params: Params, devi
 
 
 def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Params, device: torch.device,
-        live: Live | None = None) -> dict:
-    """Train with early stopping on validation AP; ``model`` ends holding the best epoch's state."""
+        live: Live | None = None, resume: ResumePoint | None = None) -> dict:
+    """Train with early stopping on validation AP; ``model`` ends holding the best epoch's state.
+
+    With ``resume``, every finished epoch is saved there, and a saved state is continued from.
+    """
     t = params.train
     objects = objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train], params.num_classes)
     check_training_objects(objects, params.classes, params.data.train_split)
@@ -167,8 +170,14 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     rng = np.random.default_rng(params.seed)
     best: dict = {"best_epoch": 0}
     best_key, best_state = (-1.0, float("-inf")), None
-    start, epochs_run = time.perf_counter(), 0
-    bar = tqdm(range(1, t.epochs + 1), desc="train fast_rcnn", unit="epoch")
+    start, epochs_run, resumed_from, stopped, earlier_seconds = time.perf_counter(), 0, None, False, 0.0
+    loop = restore_training(resume, model, optimizer, scheduler, numpy_rng=rng)
+    if loop is not None:
+        best, best_key, best_state = loop["best"], tuple(loop["best_key"]), loop["best_state"]
+        epochs_run = resumed_from = int(loop["epoch"])
+        stopped, earlier_seconds = bool(loop["stopped"]), float(loop["seconds"])
+    bar = tqdm(range(epochs_run + 1, t.epochs + 1 if not stopped else epochs_run + 1), desc="train fast_rcnn",
+               unit="epoch", initial=epochs_run, total=t.epochs)
     for epoch in bar:
         model.train()
         meter = _Meter(model.config["num_classes"] + 1)
@@ -206,9 +215,12 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
                     "val_fg_accuracy_overall": val_m["fg_accuracy"],
                     **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
         bar.set_postfix(loss=f"{train_m['loss']:.3f}", val_map=f"{val_m['map']:.3f}", best=best["best_epoch"])
-        if epoch - best["best_epoch"] >= t.patience:
+        stopped = epoch - best["best_epoch"] >= t.patience
+        save_epoch(resume, live, model, optimizer, scheduler, numpy_rng=rng, epoch=epoch, stopped=stopped, best=best,
+                   best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start)
+        if stopped:
             break
-    seconds = time.perf_counter() - start
+    seconds = earlier_seconds + time.perf_counter() - start
     model.load_state_dict(best_state)
     trained = roi_meter(model, train, t.images_per_batch, device).tally
     collapsed = check_not_collapsed(
@@ -219,17 +231,19 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
-            "steps_per_epoch": steps, "train_images": len(train), "val_images": len(val)}
+            "steps_per_epoch": steps, "train_images": len(train), "val_images": len(val),
+            "resumed_from_epoch": resumed_from}
 
 
 def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                     regions_dir: str | Path = "data/regions", model_path: str | Path = "data/model/model.pt",
                     metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive",
-                    voc_dir: str | Path = "data/voc") -> dict:
+                    voc_dir: str | Path = "data/voc", resume_dir: str | Path | None = None) -> dict:
     """Train Fast R-CNN, write the best checkpoint and ``metrics/train.json``; returns the metrics.
 
     ``features_dir`` is accepted for the common train-stage signature and not read: Fast R-CNN
-    computes its features from whole images while it trains.
+    computes its features from whole images while it trains. ``resume_dir``: where resume points
+    live (:mod:`rcnn.resume`); None keeps none.
     """
     index = read_index(regions_dir, "boxes")
     if list(index.get("classes", [])) != list(params.classes):
@@ -245,9 +259,12 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     device = select_device(params.train.device)
     torch.manual_seed(params.seed)  # RoI sampling, dropout, multi-scale sizes
     model = build_fast_rcnn(params, index["fg_iou"], index["bg_iou"]).to(device)
-    with staged_live(live_dir) as live:  # the curves land only with the model they describe
-        summary = fit(model, train, val, params, device, live)
+    point = open_resume_point(resume_dir, params, [regions_dir], voc_dir)
+    with stage_live(live_dir, point) as live:  # the curves land only with the model they describe
+        summary = fit(model, train, val, params, device, live, point)
         save_fast_rcnn(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
         write_json(metrics_path, metrics)
+    if point is not None:
+        point.clear()
     return metrics

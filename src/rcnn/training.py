@@ -22,9 +22,8 @@ import copy
 import math
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,20 +35,18 @@ from rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.bbox_regression import fit_box_regressor
 from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
-from rcnn.detection import Detector, labelled_split_ap, postprocess_settings
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.finetune import ProposalSampler
 from rcnn.hard_negatives import mine_hard_negatives, negative_pool, pool_scores
-from rcnn.live import staged_live
-from rcnn.model import RegionClassifier, build_model, inference_autocast, preprocess, save_checkpoint, select_device
+from rcnn.model import RegionClassifier, build_model, save_checkpoint, select_device
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, to_dict
-from rcnn.region_boxes import ImageBoxes, load_boxes
+from rcnn.region_boxes import ImageBoxes
+from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.svm import fit_svms, svm_margins
+from rcnn.train_data import TrainData, cached_feature_data, finetune_data, labelled_boxes
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-VAL_AP_IMAGES = 250  # fine-tuning's validation AP scores at most the first 250 validation images (full VOC val: 2,510)
 METRIC_NAMES = ("loss", "accuracy", "fg_accuracy")
 
 
@@ -79,27 +76,12 @@ class _Meter:
                 "fg_accuracy": self.tally.fg_accuracy()}
 
 
-@dataclass
-class TrainData:
-    """What :func:`fit` needs to know about the data: batches for one epoch and how to get logits."""
-
-    train_batches: Callable[[int], Iterable[Batch]]  # epoch -> shuffled training batches
-    val_batches: Callable[[], Iterable[Batch]]
-    logits: Callable[[RegionClassifier, torch.Tensor], torch.Tensor]
-    train_size: int
-    val_size: int
-    batch_size: int
-    head_only: bool  # only the head learns (the logits come from cached features)
-    val_ap: Callable[[RegionClassifier], dict[str, float]] | None = None  # selects the best epoch when set
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-self.train_size // self.batch_size)
-
-
 def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.device,
-        live: Live | None = None) -> dict[str, Any]:
-    """Train with early stopping; ``model`` ends holding the best epoch's state. Returns a summary."""
+        live: Live | None = None, resume: ResumePoint | None = None) -> dict[str, Any]:
+    """Train with early stopping; ``model`` ends holding the best epoch's state. Returns a summary.
+
+    With ``resume``, every finished epoch is saved there, and a saved state is continued from.
+    """
     t = params.train
     weights = class_weights(params).to(device)
     learned = model.head if data.head_only else model  # the part that learns, whose best state is kept
@@ -108,8 +90,14 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
     best: dict[str, Any] = {"best_epoch": 0}
     best_key = (float("-inf"), float("-inf"))
     best_state: dict[str, torch.Tensor] = {}
-    start, epochs_run = time.perf_counter(), 0
-    bar = tqdm(range(1, t.epochs + 1), desc="train", unit="epoch")
+    start, epochs_run, resumed_from, stopped, earlier_seconds = time.perf_counter(), 0, None, False, 0.0
+    loop = restore_training(resume, model, optimizer, scheduler, generator=data.generator)
+    if loop is not None:
+        best, best_key, best_state = loop["best"], tuple(loop["best_key"]), loop["best_state"]
+        epochs_run = resumed_from = int(loop["epoch"])
+        stopped, earlier_seconds = bool(loop["stopped"]), float(loop["seconds"])
+    bar = tqdm(range(epochs_run + 1, t.epochs + 1 if not stopped else epochs_run + 1), desc="train", unit="epoch",
+               initial=epochs_run, total=t.epochs)
     for epoch in bar:
         model.train()
         train_meter = _Meter(params.num_classes)
@@ -150,94 +138,19 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
             best_state = copy.deepcopy(learned.state_dict())
         bar.set_postfix(train_loss=f"{train_m['loss']:.4f}", val_loss=f"{val_m['loss']:.4f}",
                         best=best["best_epoch"])
-        if epoch - best["best_epoch"] >= t.patience:
+        stopped = epoch - best["best_epoch"] >= t.patience
+        save_epoch(resume, live, model, optimizer, scheduler, generator=data.generator, epoch=epoch, stopped=stopped, best=best,
+                   best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start)
+        if stopped:
             break
-    seconds = time.perf_counter() - start
+    seconds = earlier_seconds + time.perf_counter() - start
     if best["best_epoch"] == 0:
         raise RcnnError(f"training diverged: the validation loss was never finite; lower train.lr = {t.lr}")
     learned.load_state_dict(best_state)
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
-            "train_regions": data.train_size, "val_regions": data.val_size}
-
-
-def cached_feature_data(train: dict[str, np.ndarray], val: dict[str, np.ndarray], batch_size: int, seed: int,
-                        device: torch.device) -> TrainData:
-    """Batches of cached backbone features (kept on ``device``); the head alone makes the logits."""
-    x_train = torch.from_numpy(np.ascontiguousarray(train["features"], dtype=np.float32)).to(device)
-    y_train = torch.from_numpy(train["labels"].astype(np.int64)).to(device)
-    x_val = torch.from_numpy(np.ascontiguousarray(val["features"], dtype=np.float32)).to(device)
-    y_val = torch.from_numpy(val["labels"].astype(np.int64)).to(device)
-    generator = torch.Generator().manual_seed(seed)
-
-    def train_batches(epoch: int) -> Iterator[Batch]:
-        order = torch.randperm(len(y_train), generator=generator).to(device)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            yield x_train[idx], y_train[idx]
-
-    def val_batches() -> Iterator[Batch]:
-        for s in range(0, len(y_val), 4096):
-            yield x_val[s:s + 4096], y_val[s:s + 4096]
-
-    return TrainData(train_batches, val_batches, lambda model, x: model.classify_features(x),
-                     len(y_train), len(y_val), batch_size, head_only=True)
-
-
-def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path, params: Params,
-                  device: torch.device) -> TrainData:
-    """Fine-tuning batches: fresh proposal samples each epoch (several draws an epoch where one would not
-    reach ``train.min_steps``). Validation: the loss on the regions stage's
-    fixed sample of the validation split, and detection AP, which picks the best epoch (the loss alone
-    favours early, under-trained epochs). The AP is the evaluate stage's: its post-processing, its
-    ``evaluate.max_proposals`` and, with ``model.bbox_regression``, a box regressor fitted to the epoch's
-    backbone as the final one will be; only the images are capped, to the first :data:`VAL_AP_IMAGES`."""
-    index = regions.read_index(regions_dir)
-    val_split, batch = params.data.val_split, params.train.feature_batch_size
-    val_items = _labelled_boxes(regions_dir, val_split)[:VAL_AP_IMAGES]
-    val_paths = [voc.image_path(root, item.image_id) for item in val_items]
-    meta = {"classes": list(params.classes), "crop_size": sampler.regions.crop_size, "context": sampler.regions.context}
-
-    def val_batches() -> Iterator[Batch]:
-        for shard in regions.iter_shards(regions_dir, val_split):
-            labels = torch.from_numpy(np.asarray(shard["labels"], np.int64))
-            for s in range(0, len(labels), batch):
-                yield torch.from_numpy(shard["crops"][s:s + batch]), labels[s:s + batch]
-
-    def logits(model: RegionClassifier, crops: torch.Tensor) -> torch.Tensor:
-        with inference_autocast(device):  # bf16 where native: about 1.5x the fp32 step on this CPU
-            return model(preprocess(crops, device))
-
-    def val_ap(model: RegionClassifier) -> dict[str, float]:
-        regressor = box_regressor(model, regions_dir, params, device) if params.model.bbox_regression else None
-        detector = Detector(model, {**meta, "bbox_regressor": regressor}, device, batch_size=batch,
-                            **postprocess_settings(params))
-        return labelled_split_ap(detector, val_paths, val_items, params.evaluate.max_proposals)
-
-    # A small training set repeats the sampler's draw within an epoch until train.min_steps is in reach.
-    t = params.train
-    draw_steps = max(-(-sampler.regions_per_epoch // t.batch_size), 1)
-    wanted_steps = -(-t.min_steps // t.epochs)
-    draws = max(1, -(-wanted_steps // draw_steps))
-
-    def train_batches(epoch: int) -> Iterator[Batch]:
-        for draw in range(draws):
-            yield from sampler.epoch((epoch - 1) * draws + draw + 1)
-
-    return TrainData(train_batches, val_batches, logits, sampler.regions_per_epoch * draws,
-                     int(index["splits"][val_split]["regions"]), t.batch_size, head_only=False, val_ap=val_ap)
-
-
-def box_regressor(model: RegionClassifier, regions_dir: str | Path, params: Params,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """Box regression fitted on ``model``'s features of the training regions it learns from (foreground
-    at IoU >= ``train.bbox_iou``): computing only those rows gives the regressor that all rows would."""
-    t = params.train
-    rows = features_mod.split_features(model, regions_dir, params.data.train_split, device, t.feature_batch_size,
-                                       min_iou=t.bbox_iou)
-    return fit_box_regressor(rows["features"], rows["labels"], rows["boxes"], rows["gt_boxes"], rows["ious"],
-                             params.num_classes, min_iou=t.bbox_iou, ridge_lambda=t.bbox_lambda)
+            "train_regions": data.train_size, "val_regions": data.val_size, "resumed_from_epoch": resumed_from}
 
 
 def _check_features_info(info: dict[str, Any], params: Params, features_dir: Path) -> None:
@@ -250,16 +163,6 @@ def _check_features_info(info: dict[str, Any], params: Params, features_dir: Pat
         if info.get(key) != value:
             raise RcnnError(f"{features_dir / 'info.json'} has {key} = {info.get(key)!r} but params say "
                             f"{value!r}: rerun the features stage")
-
-
-def _labelled_boxes(regions_dir: str | Path, split: str) -> list[ImageBoxes]:
-    """Every labelled proposal of ``split``'s images, as the regions stage stored them."""
-    index = regions.read_index(regions_dir)
-    rel = index.get("labelled_boxes", {}).get(split)
-    if rel is None:
-        raise RcnnError(f"{Path(regions_dir) / 'index.json'} lists no labelled boxes for {split}: rerun the "
-                        f"regions stage (dvc repro)")
-    return load_boxes(Path(regions_dir) / rel, len(index.get("classes", [])) or None)
 
 
 def fit_classifier(model: RegionClassifier, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
@@ -333,8 +236,12 @@ def _final_tally(model: RegionClassifier, svm: dict[str, torch.Tensor] | None, f
 def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                     regions_dir: str | Path = "data/regions", model_path: str | Path = "data/model/model.pt",
                     metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive",
-                    voc_dir: str | Path = "data/voc") -> dict:
-    """Train, write the best checkpoint and ``metrics/train.json``; returns the metrics."""
+                    voc_dir: str | Path = "data/voc", resume_dir: str | Path | None = None) -> dict:
+    """Train, write the best checkpoint and ``metrics/train.json``; returns the metrics.
+
+    ``resume_dir``: where resume points live (:mod:`rcnn.resume`; the main training's epochs, after
+    which hard-negative rounds and SVMs are recomputed); None keeps none.
+    """
     features_dir = Path(features_dir)
     index = regions.read_index(regions_dir)
     device = select_device(params.train.device)
@@ -345,12 +252,13 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     # Fine-tuning and mining warp crops of any proposal of the training images from the images themselves.
     reads_images = not model.frozen or t.hard_negative_rounds > 0
     root = voc.find_voc_root(voc_dir) if reads_images else Path(voc_dir)
-    items = _labelled_boxes(regions_dir, train_split) if reads_images else []
+    items = labelled_boxes(regions_dir, train_split) if reads_images else []
     extra: dict[str, Any] = {}
-    objects = objects_per_class([item.gt_labels[~item.gt_difficult] for item in (items or _labelled_boxes(
+    objects = objects_per_class([item.gt_labels[~item.gt_difficult] for item in (items or labelled_boxes(
         regions_dir, train_split))], params.num_classes)
     check_training_objects(objects, params.classes, train_split)
-    with staged_live(live_dir) as live:
+    point = open_resume_point(resume_dir, params, [regions_dir, features_dir], voc_dir)
+    with stage_live(live_dir, point) as live:
         if model.frozen:
             _check_features_info(features_mod.read_info(features_dir), params, features_dir)
             train = features_mod.load_features(features_dir, train_split, params.num_classes)
@@ -366,7 +274,7 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         if data.train_size == 0 or data.val_size == 0:
             raise RcnnError(f"no regions to train on ({data.train_size} in {train_split}, {data.val_size} in "
                             f"{val_split}): check the regions stage output in {regions_dir}")
-        summary = fit(model, data, params, device, live)
+        summary = fit(model, data, params, device, live, point)
         if not model.frozen:
             # The final backbone's features of the regions stage's samples.
             train = features_mod.split_features(model, regions_dir, train_split, device, t.feature_batch_size)
@@ -397,4 +305,6 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
         metrics["final_classifier"] = classifier
         write_json(metrics_path, metrics)
+    if point is not None:
+        point.clear()
     return metrics

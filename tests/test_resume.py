@@ -1,0 +1,141 @@
+"""Resumable training (issue 23): a train stage stopped after a finished epoch continues from it and ends
+with the bytes of an uninterrupted run; other params or data never reuse its state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rcnn import fast_rcnn_training, resume, train_data, training
+from rcnn.detectors import run_regions_stage, run_train_stage
+from rcnn.params import Params, from_dict
+from rcnn.proposals import run_proposals_stage
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "seconds_per_epoch", "resumed_from_epoch")
+
+
+def _fast_rcnn_params(source: Path, **train) -> Params:
+    return from_dict({
+        "classes": ["car", "dog", "person"], "data": {"source": str(source)},
+        "proposals": {"max_proposals": 150, "max_side": 160, "n_jobs": 1}, "regions": {"fg_iou": 0.5, "bg_iou": 0.5},
+        "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "trainable_layers": 1,
+                  "image_size": 96, "max_size": 160, "roi_channels": 8, "roi_size": 3, "hidden": 32, "dropout": 0.1},
+        "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 3, "patience": 3,
+                  "device": "cpu", "rois_per_image": 32, "image_sizes": [80, 96], "allow_collapse": True, **train},
+        "evaluate": {"max_proposals": 100}})
+
+
+@pytest.fixture(scope="module")
+def boxes_inputs(synthetic_voc: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Proposals and labelled boxes of the synthetic set for the Fast R-CNN params above."""
+    root = tmp_path_factory.mktemp("resume-inputs")
+    params = _fast_rcnn_params(synthetic_voc)
+    run_proposals_stage(params, synthetic_voc, root / "proposals", root / "proposals.json")
+    run_regions_stage(params, synthetic_voc, root / "proposals", root / "regions", root / "regions.json")
+    return root
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and "train.json" not in p.name}
+
+
+def _metrics(out: Path) -> dict:
+    def strip(tree: dict) -> dict:
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in tree.items()
+                if k not in TIMING and not k.endswith("seconds")}
+    return strip(json.loads((out / "train.json").read_text()))
+
+
+class _Interrupt(Exception):
+    """Stands in for a kill: raised inside the epoch after the resume point was saved."""
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, module, name: str, call: int) -> None:
+    real, calls = getattr(module, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise _Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+
+
+def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, synthetic_voc, tmp_path, monkeypatch):
+    params = _fast_rcnn_params(synthetic_voc)
+
+    def train(out: Path, p: Params = params) -> dict:
+        return run_train_stage(p, boxes_inputs / "features", boxes_inputs / "regions", out / "model.pt",
+                               out / "train.json", out / "dvclive", synthetic_voc, resume_dir=tmp_path / "resume")
+
+    plain = train(tmp_path / "plain")
+    assert plain["resumed_from_epoch"] is None and not (tmp_path / "resume").exists()  # cleared after success
+
+    # Interrupted in epoch 2's validation: epoch 1 was saved; nothing of the stage's outputs is written.
+    _interrupt_at(monkeypatch, fast_rcnn_training, "validation_ap", call=2)
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").rglob("*.pt"))
+    assert len(list((tmp_path / "resume").iterdir())) == 1
+    monkeypatch.undo()
+    resumed = train(tmp_path / "resumed")
+    assert resumed["resumed_from_epoch"] == 1
+    assert _outputs(tmp_path / "resumed") == _outputs(tmp_path / "plain")  # model.pt and the dvclive curves
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")
+
+    # Another learning rate: a new key, so the saved epoch of the old one is never used (and is deleted).
+    _interrupt_at(monkeypatch, fast_rcnn_training, "validation_ap", call=2)
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "lr")
+    monkeypatch.undo()
+    other = _fast_rcnn_params(synthetic_voc, lr=0.01)
+    assert train(tmp_path / "lr", other)["resumed_from_epoch"] is None
+    assert not (tmp_path / "resume").exists()
+
+
+def test_a_killed_fine_tuning_resumes_to_the_same_bytes(regions_dir, tmp_path, monkeypatch):
+    from rcnn.params import ModelParams, TrainParams
+
+    params = Params(classes=["car", "dog", "person"],
+                    model=ModelParams(backbone="resnet18", weights="none", hidden=32, trainable_layers=1,
+                                      bbox_regression=True),
+                    train=TrainParams(optimizer="sgd", lr=0.01, batch_size=32, epochs=2, patience=2, device="cpu",
+                                      schedule="cosine", hard_negative_rounds=1, feature_batch_size=64,
+                                      allow_collapse=True))
+    root = regions_dir.parent / "VOC2007"
+
+    def train(out: Path) -> dict:
+        return training.run_train_stage(params, tmp_path / "no-features", regions_dir, out / "model.pt",
+                                        out / "train.json", out / "dvclive", root, resume_dir=tmp_path / "resume")
+
+    train(tmp_path / "plain")
+    _interrupt_at(monkeypatch, train_data, "labelled_split_ap", call=2)  # epoch 2's validation AP
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = train(tmp_path / "resumed")
+    assert resumed["resumed_from_epoch"] == 1
+    assert _outputs(tmp_path / "resumed") == _outputs(tmp_path / "plain")
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")
+
+
+def test_a_damaged_resume_point_starts_over(tmp_path):
+    point = resume.ResumePoint(tmp_path, "abc")
+    point.folder.mkdir(parents=True)
+    (point.folder / resume.STATE_FILE).write_bytes(b"not a checkpoint")
+    assert resume.ResumePoint(tmp_path, "abc").state is None
+    torch.save({"key": "other"}, point.folder / resume.STATE_FILE)
+    assert resume.ResumePoint(tmp_path, "abc").state is None
+
+
+def test_the_key_covers_the_params_the_train_stage_declares():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    assert tuple(stage["params"]) == resume.TRAIN_PARAMS
+    assert "data/train-resume" not in json.dumps(stage.get("outs", []))  # DVC would delete it before a rerun
