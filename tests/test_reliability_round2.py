@@ -161,3 +161,50 @@ def test_8_an_interrupted_train_stage_leaves_the_previous_curves_model_and_metri
     after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert after == before
     assert real_fit is not interrupted_fit
+
+
+# minor items --------------------------------------------------------------------------------------
+
+def test_minor_a_max_side_too_large_to_shrink_anything_is_refused_like_null():
+    huge = np.zeros((4000, 6000, 3), np.uint8)
+    with pytest.raises(RcnnError, match="6000x4000 image searched at 6000x4000 .*max_side = 100000.*set proposals"):
+        proposals.selective_search(huge, max_side=100000)
+    assert len(proposals.selective_search(np.zeros((400, 600, 3), np.uint8), max_side=100000)) >= 0
+
+
+def test_minor_list_messages_read_as_english():
+    with pytest.raises(ParamError, match="expected a list of integers"):
+        from_dict({"train": {"image_sizes": "abc"}})
+
+
+def test_minor_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    code = "from rcnn.errors import run_cli\nrun_cli(lambda: [print('car 0.9 1 2 3 4') for _ in range(200000)])"
+    reader = "import sys; sys.stdin.readline()"
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    subprocess.run([sys.executable, "-c", reader], stdin=writer.stdout, check=True)
+    writer.stdout.close()
+    assert writer.wait(timeout=60) == 0
+    assert b"Traceback" not in writer.stderr.read()
+
+
+def test_minor_rcnn_detect_names_a_folder_and_its_own_device_flag(synthetic_voc, tmp_path, capsys):
+    from rcnn.detection import main as detect_main
+
+    save_fast_rcnn(tmp_path / "m.pt", _tiny_fast_rcnn(), Params(classes=CLASSES), {})
+
+    def one_line(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as err:
+            detect_main(argv)
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and len(message.strip().splitlines()) == 1, message
+        return message
+
+    assert "is a folder: rcnn-detect takes one image file" in one_line([str(synthetic_voc), "--checkpoint",
+                                                                        str(tmp_path / "m.pt")])
+    if not torch.cuda.is_available():
+        image = sorted((synthetic_voc / "JPEGImages").iterdir())[0]
+        message = one_line([str(image), "--checkpoint", str(tmp_path / "m.pt"), "--device", "cuda"])
+        assert "--device = 'cuda' but no CUDA GPU" in message and "train.device" not in message

@@ -302,9 +302,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                             f"(default 500)")
         if args.out is not None and args.out.is_dir():
             raise RcnnError(f"--out {args.out} is a folder: name the image file to write, e.g. {args.out / 'out.jpg'}")
+        if args.image.is_dir():
+            raise RcnnError(f"{args.image} is a folder: rcnn-detect takes one image file (run it per image, or "
+                            f"use the evaluate and render stages for a folder)")
         image = voc.read_image(args.image)
-        detector = load_detector(args.checkpoint, args.device, score_threshold=args.score, nms_iou=args.nms,
-                                 max_detections=args.max_detections)
+        try:
+            detector = load_detector(args.checkpoint, args.device, score_threshold=args.score, nms_iou=args.nms,
+                                     max_detections=args.max_detections)
+        except RcnnError as err:  # the device check speaks of params.yaml's key; here it came from --device
+            raise RcnnError(str(err).replace("train.device", "--device")) from None
         found = detect_image(image, detector, args.mode, args.max_proposals, args.max_side)
         for box, score, label in zip(found.boxes + 1.0, found.scores, found.labels):
             print(f"{detector.classes[label - 1]} {score:.4f} " + " ".join(f"{v:.1f}" for v in box))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -24,3 +25,7 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted: no partial output was kept", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `rcnn-detect ... | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not complain again
+        sys.exit(0)

@@ -173,8 +173,11 @@ def _describe(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        return f"a list of {_PLURAL.get(typing.get_args(tp)[0], _describe(typing.get_args(tp)[0]))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
 
 
 def _convert(key: str, value: Any, tp: Any) -> Any:

@@ -114,15 +114,15 @@ def selective_search(image_bgr: np.ndarray, mode: Mode = "fast", max_proposals: 
     which is much faster; boxes are mapped back to the original pixel grid.
     """
     height, width = image_bgr.shape[:2]
-    if max_side is None and height * width > MAX_FULL_SIZE_PIXELS:
-        raise RcnnError(f"a {width}x{height} image ({height * width / 1e6:.1f} MP) with proposals.max_side = null: "
-                        f"selective search at full size would take many minutes and GBs of memory (a 6000x4000 "
-                        f"photo ran over 300 s at 4.4 GB); set proposals.max_side (default 500)")
-    small = image_bgr
-    if max_side is not None and max(height, width) > max_side:
-        scale = max_side / max(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+    scale = 1.0 if max_side is None or max(height, width) <= max_side else max_side / max(height, width)
+    searched = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if searched[0] * searched[1] > MAX_FULL_SIZE_PIXELS:  # max_side null, or too large to shrink anything
+        raise RcnnError(f"a {width}x{height} image searched at {searched[0]}x{searched[1]} "
+                        f"({searched[0] * searched[1] / 1e6:.1f} MP) with proposals.max_side = "
+                        f"{'null' if max_side is None else max_side}: selective search that large would take many "
+                        f"minutes and GBs of memory (a 6000x4000 photo ran over 300 s at 4.4 GB); set "
+                        f"proposals.max_side (default 500, at most about 1500 for this guard)")
+    small = image_bgr if scale == 1.0 else cv2.resize(image_bgr, searched, interpolation=cv2.INTER_AREA)
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(small)
     if mode == "fast":
