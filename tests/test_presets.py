@@ -34,8 +34,9 @@ def test_options_are_single_shell_words_that_dvc_reads_back():
 
 
 def test_later_presets_win():
-    assert presets.merged(["fast-cpu", "fast-rcnn"])["proposals.max_side"] == 300
-    assert presets.merged(["paper", "fast-rcnn"])["regions.bg_iou"] == presets.FAST_RCNN["regions.bg_iou"]
+    assert presets.merged(["rcnn-best", "fast-cpu"])["proposals.max_side"] == 300
+    assert presets.merged(["paper", "rcnn-best"])["regions.bg_iou"] == presets.RCNN_BEST["regions.bg_iou"]
+    assert presets.merged(["rcnn-best", "paper"])["regions.bg_iou"] == presets.PAPER["regions.bg_iou"]
 
 
 def test_cli_lists_prints_and_rejects_unknown_names():

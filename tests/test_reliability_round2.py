@@ -150,7 +150,7 @@ def test_8_an_interrupted_train_stage_leaves_the_previous_curves_model_and_metri
     assert not (out / "dvclive" / "metrics.json").exists()  # undeclared: it would go stale after a restore
     real_fit = training.fit
 
-    def interrupted_fit(model, data, params, device, live=None):
+    def interrupted_fit(model, data, params, device, live=None, resume=None):
         live.log_metric("train/loss", 123.0)
         live.next_step()
         raise KeyboardInterrupt
@@ -208,3 +208,16 @@ def test_minor_rcnn_detect_names_a_folder_and_its_own_device_flag(synthetic_voc,
         image = sorted((synthetic_voc / "JPEGImages").iterdir())[0]
         message = one_line([str(image), "--checkpoint", str(tmp_path / "m.pt"), "--device", "cuda"])
         assert "--device = 'cuda' but no CUDA GPU" in message and "train.device" not in message
+
+
+def test_minor_presets_or_params_of_two_families_are_refused():
+    from rcnn import presets
+
+    with pytest.raises(RcnnError, match=r"presets fast-rcnn \(fast_rcnn\), rcnn-best \(rcnn\) are for different "
+                                        r"detector families"):
+        presets.merged(["fast-rcnn", "rcnn-best"])
+    assert presets.merged(["fast-cpu", "paper"])
+    for extra in ({"model": {"arch": "fast_rcnn", "classifier": "svm"}},
+                  {"model": {"arch": "fast_rcnn"}, "train": {"hard_negative_rounds": 1}}):
+        with pytest.raises(ParamError, match="are R-CNN's: Fast R-CNN .* would ignore them"):
+            from_dict(extra)

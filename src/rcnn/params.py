@@ -310,6 +310,10 @@ def _check_consistency(p: Params) -> None:
     if p.proposals.scheduler is not None and p.proposals.backend != "dask":
         raise ParamError(f"proposals.scheduler = {p.proposals.scheduler!r} is only used with proposals.backend = "
                          f"'dask' (it is {p.proposals.backend!r}): set the backend or the scheduler to null")
+    if p.model.arch == "fast_rcnn" and (p.model.classifier != "softmax" or p.train.hard_negative_rounds):
+        raise ParamError(f"model.classifier = {p.model.classifier!r} and train.hard_negative_rounds = "
+                         f"{p.train.hard_negative_rounds} are R-CNN's: Fast R-CNN trains its softmax head end to end "
+                         f"and would ignore them; set them to 'softmax' and 0, or model.arch = 'rcnn'")
     if p.proposals.scheduler is not None:
         _check_scheduler_address(p.proposals.scheduler)
     if p.train.bg_iou_low >= p.regions.bg_iou:

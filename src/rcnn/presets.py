@@ -72,6 +72,10 @@ def merged(names: Sequence[str]) -> dict[str, object]:
         if name not in PRESETS:
             raise RcnnError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
         out.update(PRESETS[name][1])
+    families = {name: PRESETS[name][1].get("model.arch", "rcnn") for name in names}
+    if len(set(families.values())) > 1:  # the later family's trainer would silently ignore the other's keys
+        listed = ", ".join(f"{name} ({arch})" for name, arch in families.items())
+        raise RcnnError(f"presets {listed} are for different detector families: pick the presets of one")
     return out
 
 
