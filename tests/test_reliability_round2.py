@@ -221,3 +221,30 @@ def test_minor_presets_or_params_of_two_families_are_refused():
                   {"model": {"arch": "fast_rcnn"}, "train": {"hard_negative_rounds": 1}}):
         with pytest.raises(ParamError, match="are R-CNN's: Fast R-CNN .* would ignore them"):
             from_dict(extra)
+
+
+def test_minor_every_object_difficult_gives_null_map_and_a_warning_not_nan(tmp_path):
+    import json
+
+    from rcnn.bootstrap import map_intervals
+    from rcnn.detection import warn_if_unscorable
+    from rcnn.evaluation import Detections, evaluate_detections, write_metrics
+    from rcnn.region_boxes import ImageBoxes
+    from rcnn.voc import Annotation
+
+    box = np.array([[5, 5, 40, 40]], np.float32)
+    annotations = [Annotation(f"im{k}", 64, 64, box, np.array([1]), np.array([True]), np.array([False]))
+                   for k in range(3)]
+    found = {a.image_id: Detections(box, np.array([0.9], np.float32), np.array([1])) for a in annotations}
+    result = evaluate_detections(found, annotations, CLASSES)
+    write_metrics(tmp_path / "eval.json", result, map_intervals(result))
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in eval.json")
+
+    stored = json.loads((tmp_path / "eval.json").read_text(), parse_constant=refuse)
+    assert stored["map"] is None and stored["map07"] is None and stored["map07_ci95"] == [None, None]
+    items = [ImageBoxes(a.image_id, 64, 64, box, np.array([1]), box, np.array([1]), np.array([True]))
+             for a in annotations]
+    with pytest.warns(RuntimeWarning, match="'val' holds no object that AP can score .* validation loss alone"):
+        warn_if_unscorable(items, "val")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -187,6 +188,15 @@ def labelled_split_ap(detector: Detector, paths: Sequence[Path], items: Sequence
     return {"map": _finite(result.map), "map07": _finite(result.map07)}
 
 
+def warn_if_unscorable(items: Sequence[ImageBoxes], split: str) -> None:
+    """A validation split without a non-difficult object gives AP 0 every epoch: say that the best epoch is
+    then chosen by the validation loss alone, instead of letting it look like a selection by AP."""
+    if not any((~item.gt_difficult).any() for item in items):
+        warnings.warn(f"the validation split {split!r} holds no object that AP can score (none, or all "
+                      f"difficult): the best epoch is chosen by the validation loss alone", RuntimeWarning,
+                      stacklevel=2)
+
+
 def _finite(value: float) -> float:
     return value if value == value else 0.0
 
@@ -260,6 +270,9 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
         "time": {**detector.timings.as_dict(), "total": round(seconds, 3)},
         "device": str(detector.device),
     }
+    if not math.isfinite(result.map):
+        warnings.warn(f"no object of {e.split} can be scored (none of the classes, or every one difficult): "
+                      f"map and map07 are null in {metrics_path}", RuntimeWarning, stacklevel=2)
     write_metrics(metrics_path, result, extra)
     return {**result.to_dict(), **extra}
 

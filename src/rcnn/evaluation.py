@@ -326,5 +326,16 @@ def write_pr_curves(out_dir: str | Path, result: EvalResult, max_points: int = 2
 
 
 def write_metrics(path: str | Path, result: EvalResult, extra: Mapping[str, object]) -> None:
-    """``metrics/eval.json``: mAP (all-point and 11-point), per-class AP, plus run facts in ``extra``."""
-    write_json(path, {**result.to_dict(), **extra})
+    """``metrics/eval.json``: mAP (all-point and 11-point), per-class AP, plus run facts in ``extra``.
+    A value that cannot be computed (nothing scorable) is null: NaN is not JSON for strict parsers."""
+    write_json(path, _nan_to_null({**result.to_dict(), **extra}))
+
+
+def _nan_to_null(tree: object) -> object:
+    if isinstance(tree, float):
+        return tree if math.isfinite(tree) else None
+    if isinstance(tree, dict):
+        return {k: _nan_to_null(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_nan_to_null(v) for v in tree]
+    return tree

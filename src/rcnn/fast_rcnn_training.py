@@ -32,7 +32,7 @@ from tqdm import tqdm
 from rcnn import voc
 from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
-from rcnn.detection import labelled_split_ap, postprocess_settings
+from rcnn.detection import labelled_split_ap, postprocess_settings, warn_if_unscorable
 from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
                             to_continuous)
 from rcnn.fileio import write_json
@@ -164,6 +164,7 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
     t = params.train
     objects = objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train], params.num_classes)
     check_training_objects(objects, params.classes, params.data.train_split)
+    warn_if_unscorable([ex.boxes for ex in val], params.data.val_split)
     optimizer = build_optimizer(model.parameters(), t)
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)

@@ -13,7 +13,7 @@ import torch
 from rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.bbox_regression import fit_box_regressor
-from rcnn.detection import Detector, labelled_split_ap, postprocess_settings
+from rcnn.detection import Detector, labelled_split_ap, postprocess_settings, warn_if_unscorable
 from rcnn.errors import RcnnError
 from rcnn.finetune import ProposalSampler
 from rcnn.model import RegionClassifier, inference_autocast, preprocess
@@ -77,6 +77,7 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
     index = regions.read_index(regions_dir)
     val_split, batch = params.data.val_split, params.train.feature_batch_size
     val_items = labelled_boxes(regions_dir, val_split)[:VAL_AP_IMAGES]
+    warn_if_unscorable(val_items, val_split)
     val_paths = [voc.image_path(root, item.image_id) for item in val_items]
     meta = {"classes": list(params.classes), "crop_size": sampler.regions.crop_size, "context": sampler.regions.context}
 
