@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from rcnn import features, regions, train_data, training, voc
@@ -106,6 +107,30 @@ def test_mining_takes_each_images_highest_scores_not_yet_taken():
     taken = np.array([False, True, False, False, False, False, False, False])
     np.testing.assert_array_equal(mine_hard_negatives(scores, image, taken, per_image=2), [2, 3, 5, 6])
     np.testing.assert_array_equal(mine_hard_negatives(scores, image, np.ones(8, bool), per_image=2), [])
+    # Only ones the classifier gets wrong or nearly wrong: easy negatives are not added to fill the quota.
+    np.testing.assert_array_equal(mine_hard_negatives(scores, image, taken, per_image=2, min_score=0.75), [5, 6])
+
+
+def test_mining_never_adds_a_background_region_the_regions_stage_sampled(regions_dir, tmp_path):
+    from rcnn.hard_negatives import NegativePool, already_sampled
+
+    items = _items(regions_dir)[:3]
+    bg = [item.proposals[item.labels == 0] for item in items]
+    pool = NegativePool(np.zeros((sum(map(len, bg)), 4), np.float16), np.repeat(np.arange(3), [len(b) for b in bg]),
+                        np.concatenate(bg))
+    # The sample holds image 0's first two background boxes and image 2's first, plus a foreground row.
+    ids = np.array([items[0].image_id, items[0].image_id, items[2].image_id, items[1].image_id])
+    boxes = np.stack([bg[0][0], bg[0][1], bg[2][0], bg[1][0]])
+    taken = already_sampled(pool, items, ids, boxes, np.array([0, 0, 0, 2]))
+    expected = np.zeros(len(pool.boxes), bool)
+    expected[[0, 1, len(bg[0]) + len(bg[1])]] = True
+    np.testing.assert_array_equal(taken, expected)
+
+
+def test_a_vanishing_svm_c_warns_that_the_svms_learned_nothing():
+    x, y = _toy(64, 200, seed=1)
+    with pytest.warns(RuntimeWarning, match="train.svm_c = 1e-12 is too small to learn anything"):
+        fit_svms(x, y, len(CLASSES) + 1, 1e-12)
 
 
 def test_the_mining_pool_is_every_background_proposal_and_nothing_near_an_object(regions_dir, tmp_path):

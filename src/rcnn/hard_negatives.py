@@ -3,7 +3,8 @@
 The classifier first learns from the regions stage's sample. Then, for ``train.hard_negative_rounds``
 rounds, it scores *every* background proposal of the training images (IoU below ``regions.bg_iou``
 with every object), adds each image's ``regions.max_boxes`` highest-scoring ones not yet in the
-training set, and is retrained. The pool's features are computed once (one backbone pass over
+training set (neither mined before nor in the regions stage's sample) that it gets wrong or nearly
+wrong (:func:`hard_score`), and is retrained. The pool's features are computed once (one backbone pass over
 all those crops, kept as float16 in a memory-mapped scratch file so memory stays bounded) and
 reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.svm`.
 """
@@ -69,10 +70,38 @@ def pool_scores(pool: NegativePool, score: Callable[[np.ndarray], np.ndarray]) -
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def mine_hard_negatives(scores: np.ndarray, image_index: np.ndarray, taken: np.ndarray, per_image: int) -> np.ndarray:
-    """Indices (sorted) of each image's ``per_image`` highest-scoring proposals not yet ``taken``
-    (ties: lower index first)."""
-    candidates = np.flatnonzero(~taken)
+SVM_HARD_MARGIN = -1.0  # the paper's: a negative inside the hinge (margin > -1) still teaches the SVM
+
+
+def hard_score(svm: bool, score_threshold: float) -> float:
+    """The object score from which a negative counts as hard: inside the SVM's hinge (margin above
+    :data:`SVM_HARD_MARGIN`), or for the softmax head a probability the evaluate stage would report
+    as a detection (``evaluate.score_threshold``)."""
+    return SVM_HARD_MARGIN if svm else score_threshold
+
+
+def already_sampled(pool: NegativePool, items: Sequence[ImageBoxes], image_ids: np.ndarray, boxes: np.ndarray,
+                    labels: np.ndarray) -> np.ndarray:
+    """Which pool rows are background regions the training set holds already (the regions stage's
+    sample: ``image_ids``/``boxes``/``labels`` of its rows), so mining never adds them twice."""
+    taken = np.zeros(len(pool.boxes), bool)
+    background = labels == 0
+    position = {item.image_id: k for k, item in enumerate(items)}
+    for image_id in np.unique(image_ids[background]):
+        k = position.get(str(image_id))
+        if k is None:
+            continue
+        rows = np.flatnonzero(pool.image_index == k)
+        sampled = boxes[background & (image_ids == image_id)]
+        taken[rows] = (pool.boxes[rows][:, None, :] == sampled[None, :, :]).all(axis=2).any(axis=1)
+    return taken
+
+
+def mine_hard_negatives(scores: np.ndarray, image_index: np.ndarray, taken: np.ndarray, per_image: int,
+                        min_score: float = -np.inf) -> np.ndarray:
+    """Indices (sorted) of each image's ``per_image`` highest-scoring proposals not yet ``taken`` and scoring
+    at least ``min_score`` (ties: lower index first)."""
+    candidates = np.flatnonzero(~taken & (scores >= min_score))
     order = candidates[np.lexsort((candidates, -scores[candidates], image_index[candidates]))]
     images = image_index[order]
     first = np.searchsorted(images, images, side="left")  # sorted by image: rank = position - first

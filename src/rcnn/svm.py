@@ -9,11 +9,14 @@ a sigmoid, so ``evaluate.score_threshold`` keeps its meaning.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 SVM_POSITIVE_WEIGHT = 2.0
 SVM_FEATURE_NORM = 20.0
+DEAD_WEIGHT = 1e-6  # largest |weight| below which the SVMs separate nothing
 
 
 def fit_svms(features: np.ndarray, labels: np.ndarray, num_classes: int, c: float,
@@ -45,6 +48,9 @@ def fit_svms(features: np.ndarray, labels: np.ndarray, num_classes: int, c: floa
         return loss
 
     optimizer.step(objective)
+    if len(x) and float(weight.detach().abs().max()) < DEAD_WEIGHT:
+        warnings.warn(f"train.svm_c = {c:g} is too small to learn anything: every SVM's weights are zero, so "
+                      f"every region scores the same; raise it (the paper's 0.001)", RuntimeWarning, stacklevel=2)
     return {"weight": weight.detach().clone(), "bias": bias.detach().clone(),
             "scale": torch.tensor(scale, dtype=torch.float32)}
 

@@ -38,7 +38,7 @@ from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.finetune import ProposalSampler
-from rcnn.hard_negatives import mine_hard_negatives, negative_pool, pool_scores
+from rcnn.hard_negatives import already_sampled, hard_score, mine_hard_negatives, negative_pool, pool_scores
 from rcnn.model import RegionClassifier, build_model, save_checkpoint, select_device
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, to_dict
@@ -183,10 +183,12 @@ def fit_classifier(model: RegionClassifier, train: dict[str, np.ndarray], val: d
         pool = negative_pool(model, root, items, settings.crop_size, settings.context, device,
                              t.feature_batch_size, Path(scratch))
         summary["pool_regions"], summary["pool_seconds"] = len(pool.boxes), round(time.perf_counter() - start, 3)
-        taken = np.zeros(len(pool.boxes), bool)
+        taken = already_sampled(pool, items, train["image_ids"], train["boxes"], train["labels"])
+        summary["already_in_training_set"] = int(taken.sum())
         for _ in tqdm(range(t.hard_negative_rounds), desc="hard-negative rounds", unit="round"):
             scores = pool_scores(pool, lambda f: _object_scores(model, svm, f, device))
-            new = mine_hard_negatives(scores, pool.image_index, taken, settings.max_boxes)
+            new = mine_hard_negatives(scores, pool.image_index, taken, settings.max_boxes,
+                                      hard_score(svm is not None, params.evaluate.score_threshold))
             taken[new] = True
             mined.append(len(new))
             mined_scores.append(round(float(scores[new].mean()), 6) if len(new) else None)
