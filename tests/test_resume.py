@@ -25,7 +25,7 @@ def _fast_rcnn_params(source: Path, **train) -> Params:
         "proposals": {"max_proposals": 150, "max_side": 160, "n_jobs": 1}, "regions": {"fg_iou": 0.5, "bg_iou": 0.5},
         "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "trainable_layers": 1,
                   "image_size": 96, "max_size": 160, "roi_channels": 8, "roi_size": 3, "hidden": 32, "dropout": 0.1},
-        "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 3, "patience": 3,
+        "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 2, "patience": 2,
                   "device": "cpu", "rois_per_image": 32, "image_sizes": [80, 96], "allow_collapse": True, **train},
         "evaluate": {"max_proposals": 100}})
 
@@ -95,9 +95,12 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     with pytest.raises(_Interrupt):
         train(tmp_path / "lr")
     monkeypatch.undo()
+    (saved_key,) = [p.name for p in (tmp_path / "resume").iterdir()]
     other = _fast_rcnn_params(synthetic_voc, lr=0.01)
-    assert train(tmp_path / "lr", other)["resumed_from_epoch"] is None
-    assert not (tmp_path / "resume").exists()
+    point = resume.open_resume_point(tmp_path / "resume", other, [boxes_inputs / "regions"], synthetic_voc)
+    assert point.key != saved_key and point.state is None and not (tmp_path / "resume" / saved_key).exists()
+    same = resume.open_resume_point(tmp_path / "resume", params, [boxes_inputs / "regions"], synthetic_voc)
+    assert same.state is None  # deleted with the old key: nothing stale comes back
 
 
 def test_a_killed_fine_tuning_resumes_to_the_same_bytes(regions_dir, tmp_path, monkeypatch):
