@@ -248,3 +248,20 @@ def test_minor_every_object_difficult_gives_null_map_and_a_warning_not_nan(tmp_p
              for a in annotations]
     with pytest.warns(RuntimeWarning, match="'val' holds no object that AP can score .* validation loss alone"):
         warn_if_unscorable(items, "val")
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_minor_complete_images_with_trailing_bytes_are_read_and_cut_ones_are_not(tmp_path, ext):
+    import cv2
+
+    from rcnn import voc
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
+    encoded = cv2.imencode(ext, image)[1].tobytes()
+    trailer = bytes(rng.integers(1, 255, 4096, dtype=np.uint8))  # e.g. a motion photo's video after the end
+    (tmp_path / f"tail{ext}").write_bytes(encoded + trailer)
+    assert voc.read_image(tmp_path / f"tail{ext}").shape == image.shape
+    (tmp_path / f"cut{ext}").write_bytes(encoded[: len(encoded) * 2 // 3])
+    with pytest.raises(RcnnError, match="truncated image"):
+        voc.read_image(tmp_path / f"cut{ext}")

@@ -193,18 +193,52 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def image_is_complete(data: np.ndarray) -> bool:
-    """False for a JPEG or PNG whose end marker is missing: OpenCV decodes such a file partially
-    (grey below the cut) with only a libjpeg warning on stderr, so it would be used silently.
-    In JPEG entropy-coded data 0xFF is always escaped, so an end-of-image marker near the end can
-    only be the real one. Zero bytes after it (files padded to a block size) are allowed. Other
-    formats are left to the decoder."""
-    data = np.trim_zeros(data, "b")
-    head, tail = bytes(data[:8]), bytes(data[-1024:])
-    if head.startswith(b"\xff\xd8"):
-        return b"\xff\xd9" in tail
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return b"IEND" in tail[-64:]
+    """False for a JPEG or PNG cut short: OpenCV decodes such a file partially (grey below the cut) with
+    only a libjpeg warning on stderr, so it would be used silently. A JPEG is complete when walking its
+    segments reaches the end-of-image marker (an embedded thumbnail's markers sit inside a skipped
+    segment); a PNG when it holds its IEND chunk. Bytes after the end (phones' motion photos, padding)
+    are allowed. Other formats are left to the decoder."""
+    raw = bytes(data)
+    if raw.startswith(b"\xff\xd8"):
+        return _jpeg_reaches_end(raw)
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND\xaeB`\x82" in raw  # the IEND chunk with its (constant) CRC
     return True
+
+
+_STANDALONE = set(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
+
+
+def _jpeg_reaches_end(raw: bytes) -> bool:
+    """Walk marker segments from SOI; after each scan (SOS) skip the entropy-coded data, where 0xFF is
+    always followed by 0x00 or a restart marker, to the next marker; True once EOI is reached."""
+    pos, end = 2, len(raw)
+    while pos + 1 < end:
+        if raw[pos] != 0xFF:
+            return False
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return True
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > end:
+            return False
+        pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # entropy-coded data up to the next real marker
+            while True:
+                pos = raw.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= end:
+                    return False
+                following = raw[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                    pos += 1 if following == 0xFF else 2
+                    continue
+                break
+    return False
 
 
 def is_voc_root(path: str | Path) -> bool:
