@@ -277,6 +277,16 @@ def _build_subset(src: Path, dst: Path, splits: Sequence[str], max_images: int |
     return {split: len(split_ids) for split, split_ids in chosen.items()}
 
 
+def _as_given(source: Path, root: Path) -> str:
+    """``root`` (the VOC folder found in ``source``) spelled from ``source`` as params.yaml gives it, not
+    resolved: the bytes of ``data/voc`` must not depend on where the checkout lives, and a queued
+    experiment's temporary folder would be gone by the time a message names it."""
+    try:
+        return str(source / root.resolve().relative_to(source.resolve()))
+    except ValueError:
+        return str(root)
+
+
 def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) -> dict[str, int]:
     """Fill ``out_dir/VOC2007`` from ``data.source`` and return the number of images per split.
 
@@ -293,7 +303,7 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
         if out_dir.resolve() in (root.resolve(), *root.resolve().parents):
             raise RcnnError(f"data.source = {data.source!r} is inside the output {out_dir}: point it at a copy")
         with atomic_dir(out_dir) as tmp:
-            write_json(tmp / voc.SOURCE_FILE, {"kind": "folder", "root": str(root.resolve())})
+            write_json(tmp / voc.SOURCE_FILE, {"kind": "folder", "root": _as_given(source, root)})
             return _build_subset(root, tmp / "VOC2007", data.splits, data.max_images, shutil.copyfile)
     elif source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES):
         archives = [source]
@@ -309,7 +319,7 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
             safe_extract(archive, staging)
         with atomic_dir(out_dir) as tmp:
             if data.source != "download":
-                write_json(tmp / voc.SOURCE_FILE, {"kind": "archive", "source": str(source.resolve())})
+                write_json(tmp / voc.SOURCE_FILE, {"kind": "archive", "source": str(source)})
             # staging sits next to out_dir (same file system) and is thrown away: move, don't copy
             return _build_subset(voc.find_voc_root(staging), tmp / "VOC2007", data.splits, data.max_images,
                                  os.replace)
