@@ -265,3 +265,12 @@ def test_minor_complete_images_with_trailing_bytes_are_read_and_cut_ones_are_not
     (tmp_path / f"cut{ext}").write_bytes(encoded[: len(encoded) * 2 // 3])
     with pytest.raises(RcnnError, match="truncated image"):
         voc.read_image(tmp_path / f"cut{ext}")
+
+
+def test_minor_the_detection_progress_bar_ends_at_n_of_n(synthetic_voc, capsys):
+    detector = FastRCNNDetector(_tiny_fast_rcnn(), {"classes": CLASSES}, torch.device("cpu"), 0.0, 0.3, 5)
+    paths = sorted((synthetic_voc / "JPEGImages").iterdir())[:3]
+    boxes = [np.array([[0, 0, 30, 30]], np.float32)] * 3
+    found = dict(zip(["a", "b", "c"], detector.detect_images(paths, boxes, desc="detect test")))
+    assert len(found) == 3
+    assert "3/3" in capsys.readouterr().err

@@ -161,8 +161,11 @@ class Detector:
         Reading and warping run in the same thread as the CNN: on the 2-core CPU they take
         about 1 % of the time and a prefetch thread only competed with torch's own threads.
         """
-        for path, props in zip(tqdm(paths, desc=desc, unit="img"), proposals):
-            yield self.detect(voc.read_image(path), props)
+        with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+            for path, props in zip(paths, proposals):
+                found = self.detect(voc.read_image(path), props)
+                bar.update()  # before handing it over: a caller that stops at the last image sees n of n
+                yield found
 
 
 def postprocess_settings(params: Params) -> dict[str, float]:
