@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from rcnn import training, voc
+from rcnn import train_data, training, voc
 from rcnn.detection import labelled_split_ap, postprocess_settings
 from rcnn.detectors import load_detector, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
@@ -111,7 +111,7 @@ def test_rcnn_fine_tuning_selects_with_evaluate_settings_and_box_regression(regi
                      detector.meta["bbox_regressor"]))
         return labelled_split_ap(detector, paths, items, max_proposals)
 
-    monkeypatch.setattr(training, "labelled_split_ap", spy)
+    monkeypatch.setattr(train_data, "labelled_split_ap", spy)
     params = from_dict({"classes": CLASSES,
                         "model": {"backbone": "resnet18", "weights": "none", "hidden": 16, "trainable_layers": 1,
                                   "bbox_regression": True},
