@@ -142,3 +142,34 @@ def test_the_key_covers_the_params_the_train_stage_declares():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     assert tuple(stage["params"]) == resume.TRAIN_PARAMS
     assert "data/train-resume" not in json.dumps(stage.get("outs", []))  # DVC would delete it before a rerun
+
+
+def test_a_killed_frozen_head_training_resumes_to_the_same_bytes_saving_only_the_head(regions_dir, features_dir,
+                                                                                    tmp_path, monkeypatch):
+    from rcnn.params import ModelParams, TrainParams
+
+    params = Params(classes=["car", "dog", "person"], model=ModelParams(backbone="resnet18", weights="none", hidden=64),
+                    train=TrainParams(lr=1e-3, batch_size=32, epochs=4, patience=4, device="cpu",
+                                      feature_batch_size=64, allow_collapse=True))
+
+    def train(out: Path) -> dict:
+        return training.run_train_stage(params, features_dir, regions_dir, out / "model.pt", out / "train.json",
+                                        out / "dvclive", regions_dir.parent / "VOC2007", resume_dir=tmp_path / "resume")
+
+    train(tmp_path / "plain")
+    real_save, saved = resume.ResumePoint.save, []
+
+    def save_then_stop(self, state, live):
+        real_save(self, state, live)
+        saved.append(sum(v.numel() for v in state["model"].values()))
+        if len(saved) == 2:
+            raise _Interrupt
+
+    monkeypatch.setattr(resume.ResumePoint, "save", save_then_stop)
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "resumed")
+    monkeypatch.undo()
+    assert saved[0] < 1_000_000  # the head's weights, not the 11M of the frozen ResNet-18
+    assert train(tmp_path / "resumed")["resumed_from_epoch"] == 2
+    assert _outputs(tmp_path / "resumed") == _outputs(tmp_path / "plain")
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")

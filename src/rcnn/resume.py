@@ -165,7 +165,9 @@ def save_epoch(resume: "ResumePoint | None", live: Live | None, model: torch.nn.
                numpy_rng: np.random.Generator | None = None, generator: torch.Generator | None = None,
                **loop: Any) -> None:
     """Save a finished epoch: the trainer's objects, torch's global RNG (dropout, RoI sampling,
-    multi-scale sizes), the trainer's own generators and ``loop`` (plain values and tensors)."""
+    multi-scale sizes), the trainer's own generators and ``loop`` (plain values and tensors).
+    ``model`` is the part that learns (a frozen backbone is rebuilt identically, so a head-only
+    training saves kilobytes, not the backbone, every epoch)."""
     if resume is None:
         return
     rng = {"torch": torch.get_rng_state(),

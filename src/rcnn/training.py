@@ -91,7 +91,7 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
     best_key = (float("-inf"), float("-inf"))
     best_state: dict[str, torch.Tensor] = {}
     start, epochs_run, resumed_from, stopped, earlier_seconds = time.perf_counter(), 0, None, False, 0.0
-    loop = restore_training(resume, model, optimizer, scheduler, generator=data.generator)
+    loop = restore_training(resume, learned, optimizer, scheduler, generator=data.generator)
     if loop is not None:
         best, best_key, best_state = loop["best"], tuple(loop["best_key"]), loop["best_state"]
         epochs_run = resumed_from = int(loop["epoch"])
@@ -139,7 +139,7 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
         bar.set_postfix(train_loss=f"{train_m['loss']:.4f}", val_loss=f"{val_m['loss']:.4f}",
                         best=best["best_epoch"])
         stopped = epoch - best["best_epoch"] >= t.patience
-        save_epoch(resume, live, model, optimizer, scheduler, generator=data.generator, epoch=epoch, stopped=stopped, best=best,
+        save_epoch(resume, live, learned, optimizer, scheduler, generator=data.generator, epoch=epoch, stopped=stopped, best=best,
                    best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start)
         if stopped:
             break
