@@ -27,7 +27,7 @@ from families import (ap_cell, dataset_params, dataset_parser, git_commit, inter
 from rcnn import presets
 from rcnn.detection import run_evaluate_stage
 from rcnn.errors import run_cli
-from rcnn.model import read_checkpoint, write_checkpoint
+from rcnn.checkpoints import read_checkpoint, write_checkpoint
 from rcnn.params import from_dict
 
 FROZEN = {"model.trainable_layers": 0, "train.optimizer": "adam", "train.lr": 0.0001, "train.schedule": "constant",

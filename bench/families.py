@@ -1,18 +1,19 @@
-"""Detector families side by side on one dataset: R-CNN and Fast R-CNN (this pipeline) and the peer,
-torchvision's Faster R-CNN with the same backbone and weights, all scored by the project's evaluator.
+"""Detector families side by side on one dataset: R-CNN, Fast R-CNN and Faster R-CNN (this pipeline) and
+torchvision's stock Faster R-CNN with the same backbone and weights, all scored by the project's evaluator.
 
     python bench/families.py VOC_DIR --classes kangaroo --weights mobilenet_v2.pth --split test \
-        [--presets rcnn-best fast-rcnn fast-cpu+paper] [--set KEY=VALUE ...] [--seeds N] [--peer-epochs 8]
-        [--skip-peer] [--out bench/families]
+        [--presets rcnn-best fast-rcnn faster-rcnn fast-cpu+paper] [--set KEY=VALUE ...] [--seeds N]
+        [--peer-epochs N] [--skip-peer] [--out bench/families]
 
 Each preset runs the whole pipeline in a temporary folder (download from the local folder,
 proposals, regions, features, train, evaluate: the stage functions ``dvc repro`` calls) and
 reports AP07, AP (mean ± sd over ``--seeds`` full runs, seeds 0..N-1, with each run's 95% bootstrap
 interval over the test images), training seconds, detection seconds per image without and with selective
-search, and whole-pipeline seconds. The peer trains on the same train split (its own RPN, no
-selective search; SGD 0.01, momentum 0.9, batch 2, horizontal flips, shorter side 480, anchors
-32-512, the upper half of the backbone trained) and is evaluated on the same split. Writes
-``results.json`` and ``results.md`` into ``--out``.
+search, and whole-pipeline seconds. The stock peer (``bench/stock_peer.py``) trains on the same train split
+with the ``fast-rcnn`` preset's params (and ``--set``): the same backbone units trained, sizes, schedule
+and epochs (``--peer-epochs`` to shorten it), FrozenBatchNorm2d, float32 box decoding, best epoch by
+validation AP, NMS chosen on validation; torchvision's own box head. Writes ``results.json`` and
+``results.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -32,24 +33,15 @@ import numpy as np
 import torch
 import torchvision
 import yaml
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign
-from tqdm import tqdm
+from stock_peer import peer
 
-from rcnn import download, features, presets, proposals, voc
-from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
-from rcnn.bootstrap import map_intervals
+from rcnn import download, features, presets
 from rcnn.detection import run_evaluate_stage
-from rcnn.detectors import run_regions_stage, run_train_stage
+from rcnn.detectors import run_proposals_stage, run_regions_stage, run_train_stage
+from rcnn.device import inference_dtype, select_device
 from rcnn.errors import run_cli
-from rcnn.evaluation import Detections, evaluate_detections
-from rcnn.fast_rcnn import flip_boxes, image_tensor
 from rcnn.fileio import atomic_path, write_json
-from rcnn.model import backbone_units, build_backbone, inference_autocast, inference_dtype, select_device
 from rcnn.params import Params, from_dict, set_dotted
-
-PEER_SIZE, PEER_MAX_SIZE = 480, 800
 
 
 def pipeline(params: Params, work: Path) -> dict[str, Any]:
@@ -64,8 +56,8 @@ def pipeline(params: Params, work: Path) -> dict[str, Any]:
 
     d = work / "data"
     stage("download", lambda: download.prepare_voc(params.data, d / "voc", d / ".downloads"))
-    props = stage("proposals", lambda: proposals.run_proposals_stage(params, d / "voc", d / "proposals",
-                                                                     work / "proposals.json"))
+    props = stage("proposals", lambda: run_proposals_stage(params, d / "voc", d / "proposals",
+                                                           work / "proposals.json"))
     stage("regions", lambda: run_regions_stage(params, d / "voc", d / "proposals", d / "regions",
                                                work / "regions.json"))
     stage("features", lambda: features.run_features_stage(params, d / "regions", d / "features"))
@@ -73,101 +65,18 @@ def pipeline(params: Params, work: Path) -> dict[str, Any]:
                                            work / "train.json", work / "dvclive", d / "voc"))
     result = stage("evaluate", lambda: run_evaluate_stage(params, d / "voc", d / "proposals", d / "model.pt",
                                                           d / "detections", work / "eval.json", work / "pr"))
-    eval_file = props["files"][f"{params.evaluate.split}-{params.proposals.eval_mode}"]
-    # The stage searched n_jobs images at once; one image alone takes n_jobs / throughput seconds.
-    search = int(props.get("n_jobs", 1)) / eval_file["images_per_second"]
+    search = 0.0  # a detector that proposes its own regions runs no selective search
+    if props.get("selective_search", True):
+        eval_file = props["files"][f"{params.evaluate.split}-{params.proposals.eval_mode}"]
+        # The stage searched n_jobs images at once; one image alone takes n_jobs / throughput seconds.
+        search = int(props.get("n_jobs", 1)) / eval_file["images_per_second"]
     detect = result["seconds_per_image"]
     return {"map07": result["map07"], "map": result["map"], "map07_ci95": result["map07_ci95"],
             "map_ci95": result["map_ci95"], "seed": params.seed, "train_seconds": seconds["train"],
             "detect_s_per_image": detect, "search_s_per_image": round(search, 4),
             "detect_with_search_s_per_image": round(detect + search, 4),
-            "pipeline_seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds}
-
-
-class _Peer:
-    """torchvision's Faster R-CNN on the backbone's stride-32 map, trained the way the issue describes."""
-
-    def __init__(self, backbone: str, weights: str, num_classes: int, seed: int) -> None:
-        torch.manual_seed(seed)
-        trunk, dim = build_backbone(backbone, weights)
-        units = backbone_units(trunk)
-        trunk.requires_grad_(False)
-        for unit in units[len(units) // 2:]:  # the upper half trains
-            for module in unit:
-                module.requires_grad_(True)
-        body = trunk.features if hasattr(trunk, "features") else torch.nn.Sequential(
-            *[getattr(trunk, n) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")])
-        body.out_channels = dim
-        anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
-        self.model = FasterRCNN(body, num_classes=num_classes + 1, rpn_anchor_generator=anchors,
-                                box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), min_size=PEER_SIZE,
-                                max_size=PEER_MAX_SIZE, box_score_thresh=0.05, box_nms_thresh=0.3,
-                                box_detections_per_img=100)
-
-    def fit(self, root: Path, annotations: list[voc.Annotation], epochs: int, seed: int,
-            device: torch.device) -> float:
-        model = self.model.to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=0.0005)
-        steps = epochs * -(-len(annotations) // 2)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if s < 0.75 * steps else 0.1)
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
-        for epoch in tqdm(range(epochs), desc="faster r-cnn", unit="epoch"):
-            model.train()
-            order = rng.permutation(len(annotations))
-            for i in range(0, len(order), 2):
-                images, targets = [], []
-                for k in order[i:i + 2]:
-                    ann = annotations[k]
-                    image = image_tensor(voc.read_image(voc.image_path(root, ann.image_id)))
-                    keep = ~ann.difficult
-                    boxes = torch.from_numpy(ann.boxes[keep] + INCLUSIVE_SHIFT)
-                    if rng.random() < 0.5:
-                        width = image.shape[-1]
-                        image = image.flip(-1)
-                        boxes = flip_boxes(boxes, width)
-                    images.append(image.to(device))
-                    targets.append({"boxes": boxes.to(device), "labels": torch.from_numpy(ann.labels[keep]).to(device)})
-                with inference_autocast(device):
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-        return time.perf_counter() - start
-
-    def evaluate(self, root: Path, annotations: list[voc.Annotation], classes: Sequence[str],
-                 device: torch.device) -> tuple[dict[str, float], float]:
-        model = self.model.eval()
-        found = {}
-        start = time.perf_counter()
-        with torch.inference_mode(), inference_autocast(device):
-            for ann in tqdm(annotations, desc="faster r-cnn detect", unit="img"):
-                image = voc.read_image(voc.image_path(root, ann.image_id))
-                out = model([image_tensor(image).to(device)])[0]
-                boxes = clip_boxes(out["boxes"].float().cpu().numpy() - INCLUSIVE_SHIFT, image.shape[1], image.shape[0])
-                found[ann.image_id] = Detections(boxes, out["scores"].float().cpu().numpy(),
-                                                 out["labels"].cpu().numpy().astype(np.int64))
-        seconds = (time.perf_counter() - start) / max(len(annotations), 1)
-        result = evaluate_detections(found, annotations, classes)
-        return {"map07": result.map07, "map": result.map, **map_intervals(result)}, seconds
-
-
-def peer(params: Params, work: Path, epochs: int) -> dict[str, Any]:
-    """Train and evaluate the Faster R-CNN peer on the splits ``params`` names."""
-    root = voc.find_voc_root(work / "data" / "voc")
-    device = select_device(params.train.device)
-    train = voc.load_split(root, params.data.train_split, params.classes, params.data.on_bad_annotation)
-    test = voc.load_split(root, params.evaluate.split, params.classes, "skip")
-    model = _Peer(params.model.backbone, params.model.weights, len(params.classes), params.seed)
-    train_seconds = model.fit(root, train, epochs, params.seed, device)
-    scores, per_image = model.evaluate(root, test, params.classes, device)
-    return {**scores, "seed": params.seed, "train_seconds": round(train_seconds, 1),
-            "detect_s_per_image": round(per_image, 4),
-            "search_s_per_image": 0.0, "detect_with_search_s_per_image": round(per_image, 4),
-            "pipeline_seconds": None, "epochs": epochs}
+            "pipeline_seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds,
+            "proposal_recall": result["proposal_recall"]}
 
 
 SECONDS_KEYS = ("train_seconds", "detect_s_per_image", "search_s_per_image", "detect_with_search_s_per_image",
@@ -253,9 +162,10 @@ def dataset_params(args: argparse.Namespace, presets_names: Sequence[str], optio
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = dataset_parser("bench/families.py", __doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="*", default=["rcnn-best", "fast-rcnn"],
+    parser.add_argument("--presets", nargs="*", default=["rcnn-best", "fast-rcnn", "faster-rcnn"],
                         help="one configuration per name; join presets with + (fast-cpu+paper)")
-    parser.add_argument("--peer-epochs", type=int, default=8)
+    parser.add_argument("--peer-epochs", type=_positive, default=None,
+                        help="epochs of the stock peer (default: the fast-rcnn preset's)")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "families")
     return parser.parse_args(argv)
@@ -282,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 first_work = Path(tmp) / "peer"
                 download.prepare_voc(from_dict(dataset_params(args, [], {})).data, first_work / "data" / "voc",
                                      Path(tmp) / "dl")
-            rows["faster_rcnn"] = seed_summary([peer(from_dict(dataset_params(args, [], {"seed": seed})), first_work,
-                                                     args.peer_epochs) for seed in range(args.seeds)])
+            rows["stock_faster_rcnn"] = seed_summary([
+                peer(from_dict(dataset_params(args, ["fast-rcnn"], {"seed": seed})), first_work, args.peer_epochs)
+                for seed in range(args.seeds)])
     return write_results(args, rows, markdown)
 
 

@@ -38,7 +38,8 @@ from rcnn import features, proposals, regions, synthetic, train_data, training, 
 from rcnn.detection import Detector, Timings
 from rcnn.errors import RcnnError, run_cli
 from rcnn.fileio import atomic_path, write_json
-from rcnn.model import RegionClassifier, build_model, inference_dtype, select_device
+from rcnn.device import inference_dtype, select_device
+from rcnn.model import RegionClassifier, build_model
 from rcnn.params import (BACKBONES, SPLITS, VOC_CLASSES, DataParams, EvaluateParams, ModelParams, Params,
                          ProposalParams, RegionParams, TrainParams)
 

@@ -74,24 +74,71 @@ def test_a_folder_that_is_not_a_voc_set_is_a_one_line_error(tmp_path):
 FAMILIES = Path(__file__).resolve().parents[1] / "bench" / "families.py"
 
 
-def test_families_bench_compares_fast_rcnn_with_the_faster_rcnn_peer(tmp_path, synthetic_voc):
+def test_families_bench_compares_the_families_with_the_stock_peer(tmp_path, synthetic_voc):
     out = tmp_path / "families"
     tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "train.image_sizes=[96]", "model.roi_channels=8",
             "model.roi_size=3", "model.hidden=16", "train.epochs=2", "proposals.max_proposals=100",
             "evaluate.max_proposals=100", "train.min_steps=0", "train.allow_collapse=true"]  # plumbing: 12 steps, not 960
     proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",
                            "--backbone", "resnet18", "--weights", "none", "--split", "test", "--presets", "fast-rcnn",
-                           "--set", *tiny, "--peer-epochs", "1", "--out", str(out)],
+                           "faster-rcnn", "--set", *tiny, "--peer-epochs", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert list(rows) == ["fast-rcnn", "faster_rcnn"]
+    assert list(rows) == ["fast-rcnn", "faster-rcnn", "stock_faster_rcnn"]
     for row in rows.values():
         assert 0 <= row["map07"] <= 1 and row["train_seconds"] > 0 and row["detect_s_per_image"] > 0
-    assert rows["fast-rcnn"]["search_s_per_image"] > 0 and rows["faster_rcnn"]["search_s_per_image"] == 0
-    assert rows["fast-rcnn"]["pipeline_seconds"] >= rows["fast-rcnn"]["train_seconds"]
+    assert rows["fast-rcnn"]["search_s_per_image"] > 0
+    assert rows["faster-rcnn"]["search_s_per_image"] == 0 == rows["stock_faster_rcnn"]["search_s_per_image"]
+    for name in ("fast-rcnn", "faster-rcnn"):
+        assert rows[name]["pipeline_seconds"] >= rows[name]["train_seconds"]
+    recall = rows["faster-rcnn"]["runs"][0]["proposal_recall"]
+    assert recall["source"] == "learned" and 0 <= recall["recall_iou50"] <= 1
+    peer = rows["stock_faster_rcnn"]["runs"][0]
+    assert peer["nms_iou"] in (0.3, 0.4, 0.5, 0.6, 0.7) and set(peer["val_map_by_nms"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
+    assert peer["best_epoch"] == 1 and peer["epochs"] == 1
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 3 and table[0].startswith("| detector | AP07 | AP |")
+    assert len(table) == 4 and table[0].startswith("| detector | AP07 | AP |")
+
+
+def _bench_module(name: str):  # noqa: ANN202 - a module
+    sys.path.insert(0, str(FAMILIES.parent))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(FAMILIES.parent))
+
+
+def test_the_stock_peer_freezes_batchnorm_and_decodes_boxes_in_float32(monkeypatch):
+    import torch
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from rcnn.params import from_dict
+
+    stock_peer = _bench_module("stock_peer")
+    params = from_dict({"classes": ["car", "dog"], "model": {"backbone": "resnet18", "weights": "none",
+                                                             "trainable_layers": 2, "image_size": 96, "max_size": 128}})
+    model = stock_peer.build_stock_peer(params, autocast_dtype=torch.bfloat16)  # what a bf16 machine gets
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert not norms and len(frozen) == 20  # resnet18: every BatchNorm, none left to update its statistics
+    before = [m.running_mean.clone() for m in frozen]
+    decoded = []
+    for coder in (model.rpn.box_coder, model.roi_heads.box_coder):
+        original = coder.decode
+        monkeypatch.setattr(coder, "decode", lambda codes, boxes, original=original: (
+            decoded.append((codes.dtype, boxes[0].dtype)), original(codes, boxes))[1])
+    model.train()
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1])}]
+    sum(model([torch.rand(3, 96, 120)], targets).values()).backward()
+    model.eval()
+    with torch.inference_mode():
+        out = model([torch.rand(3, 96, 120)])[0]
+    assert decoded and all(dtypes == (torch.float32, torch.float32) for dtypes in decoded)
+    assert out["boxes"].dtype == torch.float32
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen, before))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the backbone alone runs in the autocast dtype
+        assert model.backbone(torch.rand(1, 3, 64, 64)).dtype == torch.float32
 
 
 ABLATION = Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
@@ -137,11 +184,7 @@ def test_scale_bench_runs_every_stage_as_its_own_process_per_size(tmp_path):
 
 
 def test_seed_summary_reports_mean_sd_and_every_runs_interval():
-    sys.path.insert(0, str(FAMILIES.parent))
-    try:
-        import families
-    finally:
-        sys.path.remove(str(FAMILIES.parent))
+    families = _bench_module("families")
     runs = [{"seed": s, "map07": v, "map": v + 0.01, "map07_ci95": [v - 0.1, v + 0.1], "map_ci95": [v - 0.1, v + 0.1],
              "train_seconds": 10.0 * (s + 1), "detect_s_per_image": 0.1, "search_s_per_image": 0.2,
              "detect_with_search_s_per_image": 0.3, "pipeline_seconds": 50.0,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import fast_rcnn_training
+from rcnn.families.fast_rcnn import model as fast_rcnn_family
 from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
-from rcnn.fast_rcnn import build_fast_rcnn
+from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.features import run_features_stage
 from rcnn.params import from_dict
 from rcnn.proposals import run_proposals_stage
@@ -105,7 +105,7 @@ def test_fast_rcnn_forced_to_background_is_one_error_and_no_model(multiclass_box
             predictor.bias.copy_(torch.tensor([100.0, 0.0, 0.0, 0.0]))
         return model
 
-    monkeypatch.setattr(fast_rcnn_training, "build_fast_rcnn", background_only)
+    monkeypatch.setattr(fast_rcnn_family, "build_fast_rcnn", background_only)
     tiny = json.loads(json.dumps(raw))
     tiny["train"].update(lr=1e-9, epochs=2, patience=2, min_steps=0)
     with pytest.raises(RcnnError, match=r"^training collapsed: .*train\.min_steps"):

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import fast_rcnn_training, voc
+from rcnn import roi_training, voc
 from rcnn.detection import run_evaluate_stage
 from rcnn.detectors import family, load_detector, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
-from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, RoIAlignPool, save_fast_rcnn
-from rcnn.fast_rcnn_training import Example, _load, steps_per_epoch
+from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
+from rcnn.roi_detector import RoIAlignPool, save_roi_detector
+from rcnn.roi_training import Example, _load, steps_per_epoch
 from rcnn.features import run_features_stage
 from rcnn.params import Params, TrainParams, from_dict
 from rcnn.proposals import run_proposals_stage
@@ -43,7 +44,7 @@ def test_roi_pooling_equals_pooling_the_region_cropped_by_hand():
 def test_model_pools_at_the_backbone_stride():
     model = tiny_model()
     image = torch.rand(3, 96, 128)
-    features, scaled, sizes, _, _ = model._features([image], [torch.tensor([[0.0, 0.0, 64.0, 64.0]])])
+    _, features, scaled, _, sizes = model._features([image], [torch.tensor([[0.0, 0.0, 64.0, 64.0]])])
     assert features["0"].shape[-2:] == (3, 4)  # 96 x 128 at stride 32
     assert sizes == [(96, 128)] and torch.equal(scaled[0], torch.tensor([[0.0, 0.0, 64.0, 64.0]]))
 
@@ -116,9 +117,9 @@ def test_labelled_boxes_round_trip_and_exclude_difficult_and_ignored(tmp_path: P
 def test_checkpoint_round_trips_to_the_same_detections(tmp_path: Path, synthetic_voc: Path):
     model = tiny_model().eval()
     params = Params(classes=["car", "dog", "person"])
-    save_fast_rcnn(tmp_path / "m.pt", model, params, {"best_epoch": 3})
+    save_roi_detector(tmp_path / "m.pt", model, params, {"best_epoch": 3})
     first = (tmp_path / "m.pt").read_bytes()
-    save_fast_rcnn(tmp_path / "m.pt", model, params, {"best_epoch": 3})
+    save_roi_detector(tmp_path / "m.pt", model, params, {"best_epoch": 3})
     assert (tmp_path / "m.pt").read_bytes() == first  # same bytes: DVC can reuse what follows
     detector = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0, max_detections=10)
     assert isinstance(detector, FastRCNNDetector) and detector.meta["arch"] == "fast_rcnn"
@@ -134,7 +135,7 @@ def test_checkpoint_round_trips_to_the_same_detections(tmp_path: Path, synthetic
 
 def test_tampered_fast_rcnn_checkpoint_is_one_clear_error(tmp_path: Path):
     model = tiny_model()
-    save_fast_rcnn(tmp_path / "m.pt", model, Params(classes=["car", "dog", "person"]), {})
+    save_roi_detector(tmp_path / "m.pt", model, Params(classes=["car", "dog", "person"]), {})
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     payload["meta"]["config"]["hidden"] = 99
     torch.save(payload, tmp_path / "bad.pt")
@@ -187,15 +188,15 @@ def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path
 
 
 def test_small_sets_repeat_their_images_to_reach_min_steps(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(fast_rcnn_training, "_load", lambda example, flip: (example, flip, {}))
+    monkeypatch.setattr(roi_training, "_load", lambda example, flip: (example, flip, {}))
     examples = list(range(5))  # stand-ins: _load is replaced
     t = TrainParams(images_per_batch=2, epochs=10, min_steps=70)
     assert steps_per_epoch(5, t) == 7 and steps_per_epoch(5, TrainParams(images_per_batch=2)) == 3
-    batches = list(fast_rcnn_training._batches(examples, 2, np.random.default_rng(0), True, 7))
+    batches = list(roi_training._batches(examples, 2, np.random.default_rng(0), True, 7))
     seen = [i for images, _, _ in batches for i in images]
     assert [len(b[0]) for b in batches] == [2] * 7 and sorted(set(seen)) == examples
     assert all(seen[:5].count(i) == 1 for i in examples)  # each pass is a permutation
     # When min_steps does not bind, an epoch is one pass, drawn exactly as without it.
-    one = [i for images, _, _ in fast_rcnn_training._batches(examples, 2, np.random.default_rng(0), True, 3)
+    one = [i for images, _, _ in roi_training._batches(examples, 2, np.random.default_rng(0), True, 3)
            for i in images]
     assert one == list(np.random.default_rng(0).permutation(5))

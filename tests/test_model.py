@@ -11,8 +11,9 @@ import torchvision
 from torch import nn
 
 from rcnn.errors import RcnnError
-from rcnn.model import (IMAGENET_MEAN, IMAGENET_STD, RegionClassifier, build_backbone, build_model,
-                        load_checkpoint, preprocess, save_checkpoint, select_device)
+from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from rcnn.device import select_device
+from rcnn.model import RegionClassifier, build_model, load_checkpoint, preprocess, save_checkpoint
 from rcnn.params import ModelParams, Params
 
 

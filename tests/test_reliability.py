@@ -25,8 +25,9 @@ from rcnn.drawing import run_render_stage
 from rcnn.errors import ParamError, RcnnError
 from rcnn.evaluation import Detections, save_detections
 from rcnn.fileio import load_pickle
-from rcnn.model import RegionClassifier, build_backbone, load_checkpoint, read_checkpoint, save_checkpoint, \
-    write_checkpoint
+from rcnn.backbones import build_backbone
+from rcnn.checkpoints import read_checkpoint, write_checkpoint
+from rcnn.model import RegionClassifier, load_checkpoint, save_checkpoint
 from rcnn.params import DataParams, Params, load_params
 
 CLASSES = ["car", "dog", "person"]

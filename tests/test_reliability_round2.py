@@ -13,7 +13,8 @@ import torch
 from rcnn import proposals
 from rcnn.detectors import load_detector
 from rcnn.errors import ParamError, RcnnError
-from rcnn.fast_rcnn import FastRCNN, FastRCNNDetector, pad_to_resizable, save_fast_rcnn
+from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
+from rcnn.roi_detector import pad_to_resizable, save_roi_detector
 from rcnn.params import Params, from_dict
 from rcnn.region_boxes import BOXES_FILE, load_boxes
 
@@ -54,7 +55,7 @@ def test_3_padding_leaves_ordinary_images_alone():
                                           ("train_sizes", "abc"), ("train_sizes", [8]), ("roi_size", 0),
                                           ("dropout", 1.5), ("num_classes", 7), ("backbone", 3)])
 def test_4_edited_fast_rcnn_checkpoint_config_is_one_error(tmp_path: Path, field, value):
-    save_fast_rcnn(tmp_path / "m.pt", _tiny_fast_rcnn(), Params(classes=CLASSES), {})
+    save_roi_detector(tmp_path / "m.pt", _tiny_fast_rcnn(), Params(classes=CLASSES), {})
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     payload["meta"]["config"][field] = value
     torch.save(payload, tmp_path / "bad.pt")
@@ -204,7 +205,7 @@ def test_minor_a_closed_pipe_ends_quietly():
 def test_minor_rcnn_detect_names_a_folder_and_its_own_device_flag(synthetic_voc, tmp_path, capsys):
     from rcnn.detection import main as detect_main
 
-    save_fast_rcnn(tmp_path / "m.pt", _tiny_fast_rcnn(), Params(classes=CLASSES), {})
+    save_roi_detector(tmp_path / "m.pt", _tiny_fast_rcnn(), Params(classes=CLASSES), {})
 
     def one_line(argv: list[str]) -> str:
         with pytest.raises(SystemExit) as err:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from rcnn import fast_rcnn_training, resume, train_data, training
+from rcnn import resume, roi_training, train_data, training
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.params import Params, from_dict
 from rcnn.proposals import run_proposals_stage
@@ -79,7 +79,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     assert plain["resumed_from_epoch"] is None and not (tmp_path / "resume").exists()  # cleared after success
 
     # Interrupted in epoch 2's validation: epoch 1 was saved; nothing of the stage's outputs is written.
-    _interrupt_at(monkeypatch, fast_rcnn_training, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, roi_training, "validation_ap", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").rglob("*.pt"))
@@ -91,7 +91,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")
 
     # Another learning rate: a new key, so the saved epoch of the old one is never used (and is deleted).
-    _interrupt_at(monkeypatch, fast_rcnn_training, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, roi_training, "validation_ap", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "lr")
     monkeypatch.undo()

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -43,7 +43,7 @@ from rcnn.fileio import atomic_dir, write_json
 from rcnn.features import crop_features
 from rcnn.model import load_checkpoint
 from rcnn.params import Params
-from rcnn.proposals import load_proposals, proposal_file, selective_search
+from rcnn.proposals import load_proposals, proposal_file, proposal_recall, selective_search
 from rcnn.region_boxes import ImageBoxes
 from rcnn.splits import check_evaluation_split
 from rcnn.svm import svm_scores
@@ -97,6 +97,8 @@ class Detector:
     max_detections: int = 100
     batch_size: int = 64
     timings: Timings = field(default_factory=Timings)
+    takes_proposals: ClassVar[bool] = True  # False for a detector that proposes its own regions (Faster R-CNN)
+    last_rois: np.ndarray | None = None  # the regions the last image was scored on (inclusive corners)
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path, device: torch.device, **settings: float) -> "Detector":
@@ -144,7 +146,7 @@ class Detector:
 
     def detect(self, image_bgr: np.ndarray, proposals: np.ndarray) -> Detections:
         """Detections of one BGR image given its ranked proposals (inclusive corners)."""
-        proposals = np.asarray(proposals, dtype=np.float32).reshape(-1, 4)
+        proposals = self.last_rois = np.asarray(proposals, dtype=np.float32).reshape(-1, 4)
         if len(proposals) == 0:
             return Detections.empty()
         probs, feats = self.classify(self.crops(image_bgr, proposals))
@@ -154,9 +156,10 @@ class Detector:
         self.timings.postprocess += time.perf_counter() - start
         return out
 
-    def detect_images(self, paths: Sequence[Path], proposals: Sequence[np.ndarray],
+    def detect_images(self, paths: Sequence[Path], proposals: Sequence[np.ndarray | None],
                       desc: str = "detect") -> Iterator[Detections]:
-        """Detections of many images, one at a time with a progress bar.
+        """Detections of many images, one at a time with a progress bar (after each, :attr:`last_rois` holds
+        the regions that image was scored on).
 
         Reading and warping run in the same thread as the CNN: on the 2-core CPU they take
         about 1 % of the time and a prefetch thread only competed with torch's own threads.
@@ -236,21 +239,29 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
     if skipped_objects:
         warnings.warn(f"{skipped_objects} ground-truth objects of {e.split} are not among the checkpoint's "
                       f"classes (or unusable) and are not evaluated", RuntimeWarning, stacklevel=2)
-    start = time.perf_counter()
-    all_proposals = load_proposals(proposal_file(proposals_dir, e.split, mode))
-    detector.timings.proposals_load += time.perf_counter() - start
     ids = [a.image_id for a in annotations]
+    if detector.takes_proposals:
+        start = time.perf_counter()
+        all_proposals = load_proposals(proposal_file(proposals_dir, e.split, mode))
+        detector.timings.proposals_load += time.perf_counter() - start
+    else:  # the model proposes its own regions: every image runs, whatever the proposals stage wrote
+        all_proposals = dict.fromkeys(ids)
     missing = [i for i in ids if i not in all_proposals]
     if missing:
         warnings.warn(f"{len(missing)} images of {e.split} have no proposals (skipped by the proposals stage, "
                       f"e.g. {missing[0]}); they count with no detections", RuntimeWarning, stacklevel=2)
     run_ids = [i for i in ids if i in all_proposals]
-    proposals = [all_proposals[i][:e.max_proposals] for i in run_ids]
+    proposals = [None if all_proposals[i] is None else all_proposals[i][:e.max_proposals] for i in run_ids]
     start = time.perf_counter()
-    found = dict(zip(run_ids, detector.detect_images([voc.image_path(root, i) for i in run_ids], proposals,
-                                                     desc=f"detect {e.split}")))
+    found, scored_rois = {}, []
+    for image_id, image_found in zip(run_ids, detector.detect_images([voc.image_path(root, i) for i in run_ids],
+                                                                     proposals, desc=f"detect {e.split}")):
+        found[image_id] = image_found
+        scored_rois.append(detector.last_rois)
     seconds = time.perf_counter() - start
     detections = {i: found.get(i, Detections.empty()) for i in ids}
+    by_id = {a.image_id: a for a in annotations}
+    recall = proposal_recall(scored_rois, [by_id[i].boxes[~by_id[i].difficult] for i in run_ids])
     result = evaluate_detections(detections, annotations, classes)
     with atomic_dir(detections_dir) as tmp:
         write_voc_results(tmp, e.split, classes, detections)
@@ -268,7 +279,9 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
         "images_without_proposals": len(missing),
         "skipped_objects": skipped_objects,
         "detections": int(sum(len(d) for d in detections.values())),
-        "mean_proposals_per_image": float(np.mean([len(p) for p in proposals])) if proposals else 0.0,
+        "mean_proposals_per_image": float(np.mean([len(r) for r in scored_rois])) if scored_rois else 0.0,
+        # the regions the detector scored: the first evaluate.max_proposals of selective search, or the RPN's
+        "proposal_recall": {"source": "selective_search" if detector.takes_proposals else "learned", **recall},
         "seconds_per_image": round(seconds / max(len(run_ids), 1), 4),
         "time": {**detector.timings.as_dict(), "total": round(seconds, 3)},
         "device": str(detector.device),
@@ -300,7 +313,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def detect_image(image_bgr: np.ndarray, detector: Detector, mode: str = "fast", max_proposals: int = 300,
                  max_side: int | None = 500, min_size: int = 10) -> Detections:
-    """Selective search + detection on one arbitrary image."""
+    """Selective search (unless the detector proposes its own regions) + detection on one arbitrary image."""
+    if not detector.takes_proposals:
+        return detector.detect(image_bgr, None)
     proposals = selective_search(image_bgr, mode, max_proposals, max_side, min_size)
     return detector.detect(image_bgr, proposals)
 

@@ -1,7 +1,8 @@
 """The detector families, chosen in one place by ``model.arch`` (or, for detection, by the checkpoint).
 
-Each family says how the regions stage stores its training regions, whether the features stage
-caches anything for it, how it trains and how a checkpoint becomes a detector. Functions are
+Each family says whether the proposals stage runs selective search for it, how the regions stage
+stores its training regions, whether the features stage caches anything for it, how it trains and
+how a checkpoint becomes a detector. Functions are
 named by import path and imported only when used, so a stage loads (and DVC tracks) only the
 code of what it runs.
 """
@@ -22,6 +23,7 @@ class Family:
     """What differs between detector families, as ``module:attribute`` references."""
 
     name: str
+    proposals_stage: str
     region_format: str  # "crops" (warped crops in shards) or "boxes" (labelled proposals per image)
     caches_features: bool  # the features stage computes backbone features once for the train stage
     regions_stage: str
@@ -29,11 +31,17 @@ class Family:
     detector: str  # a Detector subclass with from_payload(payload, path, device, **settings)
 
 
+SELECTIVE_SEARCH = "rcnn.proposals:run_proposals_stage"
 FAMILIES = {
-    "rcnn": Family("rcnn", "crops", True, "rcnn.regions:run_regions_stage", "rcnn.training:run_train_stage",
-                   "rcnn.detection:Detector"),
-    "fast_rcnn": Family("fast_rcnn", "boxes", False, "rcnn.regions:run_box_regions_stage",
-                        "rcnn.fast_rcnn_training:run_train_stage", "rcnn.fast_rcnn:FastRCNNDetector"),
+    "rcnn": Family("rcnn", SELECTIVE_SEARCH, "crops", True, "rcnn.regions:run_regions_stage",
+                   "rcnn.training:run_train_stage", "rcnn.detection:Detector"),
+    "fast_rcnn": Family("fast_rcnn", SELECTIVE_SEARCH, "boxes", False, "rcnn.regions:run_box_regions_stage",
+                        "rcnn.families.fast_rcnn.training:run_train_stage",
+                        "rcnn.families.fast_rcnn.model:FastRCNNDetector"),
+    "faster_rcnn": Family("faster_rcnn", "rcnn.proposals:run_no_proposals_stage", "boxes", False,
+                          "rcnn.regions:run_ground_truth_regions_stage",
+                          "rcnn.families.faster_rcnn.training:run_train_stage",
+                          "rcnn.families.faster_rcnn.model:FasterRCNNDetector"),
 }
 assert set(FAMILIES) == set(ARCHES)
 
@@ -51,6 +59,11 @@ def _resolve(ref: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attribute)
 
 
+def run_proposals_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
+    """The proposals stage of ``params.model.arch``: selective search, or nothing for a detector that proposes."""
+    return _resolve(family(params.model.arch).proposals_stage)(params, *args, **kwargs)
+
+
 def run_regions_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
     """The regions stage of ``params.model.arch``."""
     return _resolve(family(params.model.arch).regions_stage)(params, *args, **kwargs)
@@ -63,7 +76,8 @@ def run_train_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
 
 def load_detector(path: str | Path, device: str = "auto", **settings: float):  # noqa: ANN201 - a Detector
     """A detector for the checkpoint at ``path``, of whichever family the checkpoint says it is."""
-    from rcnn.model import checkpoint_arch, read_checkpoint, select_device  # torch only where detection runs
+    from rcnn.checkpoints import checkpoint_arch, read_checkpoint  # torch only where detection runs
+    from rcnn.device import select_device
 
     payload = read_checkpoint(path)
     detector_cls = _resolve(family(checkpoint_arch(payload)).detector)

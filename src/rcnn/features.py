@@ -20,8 +20,8 @@ from rcnn import regions
 from rcnn.detectors import family
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, load_npz, read_json, write_json
-from rcnn.model import RegionClassifier, build_model, inference_autocast, inference_dtype, preprocess, \
-    select_device, use_channels_last
+from rcnn.device import inference_autocast, inference_dtype, select_device, use_channels_last
+from rcnn.model import RegionClassifier, build_model, preprocess
 from rcnn.params import Params
 
 # Per-region arrays carried over from the region shards, in region order.

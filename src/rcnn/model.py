@@ -1,4 +1,4 @@
-"""The region classifier: an ImageNet backbone (frozen by default) plus the tutorial's small head.
+"""R-CNN's region classifier: an ImageNet backbone (frozen by default) plus the tutorial's small head.
 
 Fixes two tutorial bugs: pixels are scaled to 0..1 before ImageNet mean/std (:func:`preprocess`),
 and a frozen backbone stays in eval mode whatever ``model.train()`` is called with, so its
@@ -7,136 +7,17 @@ BatchNorm running statistics never drift.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
+from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
+from rcnn.checkpoints import is_int_in, read_checkpoint, state_payload, write_checkpoint
+from rcnn.device import use_channels_last
 from rcnn.errors import RcnnError
-from rcnn.fileio import write_bytes
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = 1
-# State-dict prefixes of torchvision's ImageNet classifiers; the only keys a weights file may carry
-# beyond the backbone's own.
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """The torch device for ``preference`` ("auto": cuda, then mps, then cpu); error if unavailable."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if preference == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if preference == "cuda" and not cuda:
-        raise RcnnError("train.device = 'cuda' but no CUDA GPU is available: use 'auto' or 'cpu'")
-    if preference == "mps" and not mps:
-        raise RcnnError("train.device = 'mps' but Apple MPS is not available: use 'auto' or 'cpu'")
-    if preference not in ("cpu", "cuda", "mps"):
-        raise RcnnError(f"unknown device {preference!r}: expected one of auto, cpu, cuda, mps")
-    return torch.device(preference)
-
-
-def _trunk(name: str) -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision ``name`` whose classifier is replaced by Identity.
-
-    Keeping torchvision's module layout means the backbone's state-dict keys are exactly
-    torchvision's (minus the classifier), so any torchvision weights file loads strictly.
-    """
-    try:
-        net = torchvision.models.get_model(name, weights=None)
-    except ValueError:
-        raise RcnnError(f"model.backbone = {name!r} is not a torchvision model") from None
-    if hasattr(net, "fc"):  # ResNets: up to avgpool + flatten
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-    else:  # MobileNets: features + global average pool + flatten
-        dim = next(m for m in net.classifier.modules() if isinstance(m, nn.Linear)).in_features
-        net.classifier = nn.Identity()
-    return net, dim
-
-
-def _safe_load(path: Path, missing: str, unreadable: str) -> Any:
-    """``torch.load(weights_only=True)``; a missing or unreadable file becomes one RcnnError line.
-
-    ``unreadable`` may contain ``{reason}``, filled with the first line of the loader's error.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RcnnError(missing) from None
-    except Exception as err:  # noqa: BLE001 - bytes that are not a torch zip fail in many ways (KeyError, IndexError, ...)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RcnnError(unreadable.replace("{reason}", reason)) from None
-
-
-def _read_weights_file(path: Path, backbone: str) -> dict[str, torch.Tensor]:
-    state = _safe_load(path, f"model.weights file {path} not found (backbone {backbone})",
-                       f"model.weights file {path} is not a readable torch state dict for backbone "
-                       f"{backbone} ({{reason}})")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RcnnError(f"model.weights file {path} does not hold a state dict of tensors (backbone {backbone})")
-    return state
-
-
-def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """torchvision's default ImageNet weights (from the torch hub cache, else downloaded with progress)."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        return weights.get_state_dict(progress=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RcnnError(f"model.weights = 'imagenet': could not get {weights} for backbone {name} from "
-                        f"{weights.url} ({reason}); download the file elsewhere and set model.weights to "
-                        f"its local .pth path") from None
-
-
-def _load_strict(trunk: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:
-    """Load every backbone tensor from ``state``; only ImageNet-classifier keys may be left over."""
-    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        parts = [f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
-        raise RcnnError(f"model.weights {source} does not match backbone {name}: " + ", ".join(parts))
-    trunk.load_state_dict(state, strict=True)
-
-
-def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
-    """Backbone ``name`` mapping normalised (B,3,H,W) float -> (B,D) pooled features, and D.
-
-    ``weights``: "imagenet" (torchvision's default ImageNet weights), "none" (random init) or the
-    path of a local .pth state dict, either torchvision's full one (classifier keys are dropped)
-    or features-only; every backbone tensor must be present.
-    """
-    trunk, dim = _trunk(name)
-    if weights == "none":
-        return trunk, dim
-    if weights == "imagenet":
-        _load_strict(trunk, _imagenet_state_dict(name), "'imagenet'", name)
-    else:
-        path = Path(weights)
-        _load_strict(trunk, _read_weights_file(path, name), f"file {path}", name)
-    return trunk, dim
-
-
-def backbone_units(backbone: nn.Module) -> list[list[nn.Module]]:
-    """The backbone's stages from input to output, the units that ``trainable_layers`` counts from the end.
-
-    ResNet: stem (conv1+bn1), layer1..layer4; MobileNet: each block of ``features``.
-    """
-    if hasattr(backbone, "layer4"):
-        return [[backbone.conv1, backbone.bn1], [backbone.layer1], [backbone.layer2], [backbone.layer3],
-                [backbone.layer4]]
-    return [[block] for block in backbone.features]
 
 
 class RegionClassifier(nn.Module):
@@ -204,43 +85,6 @@ def build_model(params: Any, weights: str | None = None) -> RegionClassifier:
                                 hidden=m.hidden, dropout=m.dropout, trainable_layers=m.trainable_layers)
 
 
-def use_channels_last(device: torch.device) -> bool:
-    """Whether NHWC (channels-last) input is faster for the backbone on ``device``.
-
-    Measured on a 2-core AVX-512 CPU: 1.1-2x faster than NCHW for mobilenet_v2, resnet18 and
-    resnet50 at 128-224 px; on CUDA it is what cuDNN's tensor-core kernels want.
-    """
-    return device.type in ("cpu", "cuda")
-
-
-def _cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX present (torch's own CPU feature probes; absent in old torch -> False)."""
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(probe is not None and probe() for probe in probes)
-
-
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32.
-
-    Measured on a CPU with AVX512-BF16: 2-4x the fp32 throughput of the backbone, features within
-    1% (relative to their largest value); CPUs without native bf16 would be slower, so they stay fp32.
-    """
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast to :func:`inference_dtype` for backbone inference; use it for every inference pass
-    (features stage and detection) so cached and live features have the same numerics."""
-    dtype = inference_dtype(device)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def preprocess(crops: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """(B,S,S,3) uint8 RGB crops -> (B,3,S,S) float32 on ``device``: /255, ImageNet mean/std.
 
@@ -256,40 +100,6 @@ def preprocess(crops: np.ndarray | torch.Tensor, device: torch.device | str) -> 
     x = (x - mean) / std
     memory_format = torch.channels_last if use_channels_last(device) else torch.contiguous_format
     return x.contiguous(memory_format=memory_format)
-
-
-def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically, with the same bytes for the same payload.
-
-    ``torch.save`` names the zip's inner folder after the file it writes to; saving to memory
-    first keeps a temporary file's random name out of the bytes DVC hashes.
-    """
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The payload of a checkpoint written by :func:`write_checkpoint` (``weights_only`` loading)."""
-    path = Path(path)
-    payload = _safe_load(path, f"checkpoint {path} not found: run the train stage first",
-                         f"checkpoint {path} is corrupt or not a checkpoint ({{reason}}); rerun the train stage")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or \
-            not isinstance(payload.get("meta"), dict) or not isinstance(payload.get("state_dict"), dict):
-        raise RcnnError(f"checkpoint {path} is not an rcnn checkpoint of format {CHECKPOINT_FORMAT}; "
-                        f"rerun the train stage")
-    return payload
-
-
-def checkpoint_arch(payload: dict[str, Any]) -> str:
-    """The detector family a checkpoint holds (checkpoints without the key predate Fast R-CNN: R-CNN)."""
-    return str(payload["meta"].get("arch", "rcnn"))
-
-
-def state_payload(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint payload: format, meta and the model's CPU state dict."""
-    return {"format": CHECKPOINT_FORMAT, "meta": meta,
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
 
 
 def save_checkpoint(path: str | Path, model: RegionClassifier, meta: dict[str, Any]) -> None:
@@ -339,11 +149,6 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
         raise RcnnError(f"checkpoint {path} does not match its own description ({reason}); "
                         f"rerun the train stage") from None
     return model.to(device).eval(), meta
-
-
-def is_int_in(value: Any, lo: int, hi: int | None = None) -> bool:
-    """``value`` is an int (not a bool) in ``[lo, hi]``: checkpoint metadata is checked before use."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
 
 
 def _check_meta(meta: dict[str, Any]) -> None:

@@ -36,7 +36,8 @@ VOC_MIRRORS: tuple[str, ...] = (
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
 SPLITS = ("train", "val", "trainval", "test")
-ARCHES = ("rcnn", "fast_rcnn")
+ARCHES = ("rcnn", "fast_rcnn", "faster_rcnn")
+ARCH_NAMES = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN"}
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -85,7 +86,7 @@ class RegionParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    arch: Literal["rcnn", "fast_rcnn"] = "rcnn"
+    arch: Literal["rcnn", "fast_rcnn", "faster_rcnn"] = "rcnn"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
                       "mobilenet_v3_large"] = "resnet50"
     weights: str = "imagenet"
@@ -98,6 +99,18 @@ class ModelParams:
     max_size: int = field(default=800, metadata=_range(32, 4000))
     roi_channels: int = field(default=128, metadata=_range(0, 4096))
     roi_size: int = field(default=7, metadata=_range(1, 32))
+    # Faster R-CNN's region proposal network (model.arch: faster_rcnn), on the stride-32 map
+    rpn_anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    rpn_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = field(default=2000, metadata=_range(1, 100_000))
+    rpn_pre_nms_top_n_test: int = field(default=1000, metadata=_range(1, 100_000))
+    rpn_post_nms_top_n_train: int = field(default=2000, metadata=_range(1, 100_000))
+    rpn_post_nms_top_n_test: int = field(default=300, metadata=_range(1, 100_000))
+    rpn_nms_iou: float = field(default=0.7, metadata=_range(0, 1, lo_open=True))
+    rpn_fg_iou: float = field(default=0.7, metadata=_range(0, 1, lo_open=True))
+    rpn_bg_iou: float = field(default=0.3, metadata=_range(0, 1, lo_open=True))
+    rpn_batch_size: int = field(default=256, metadata=_range(1, 100_000))
+    rpn_fg_fraction: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -310,10 +323,11 @@ def _check_consistency(p: Params) -> None:
     if p.proposals.scheduler is not None and p.proposals.backend != "dask":
         raise ParamError(f"proposals.scheduler = {p.proposals.scheduler!r} is only used with proposals.backend = "
                          f"'dask' (it is {p.proposals.backend!r}): set the backend or the scheduler to null")
-    if p.model.arch == "fast_rcnn" and (p.model.classifier != "softmax" or p.train.hard_negative_rounds):
+    if p.model.arch != "rcnn" and (p.model.classifier != "softmax" or p.train.hard_negative_rounds):
         raise ParamError(f"model.classifier = {p.model.classifier!r} and train.hard_negative_rounds = "
-                         f"{p.train.hard_negative_rounds} are R-CNN's: Fast R-CNN trains its softmax head end to end "
-                         f"and would ignore them; set them to 'softmax' and 0, or model.arch = 'rcnn'")
+                         f"{p.train.hard_negative_rounds} are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its softmax head "
+                         f"end to end and would ignore them; set them to 'softmax' and 0, or model.arch = 'rcnn'")
+    _check_rpn(p.model)
     if p.proposals.scheduler is not None:
         _check_scheduler_address(p.proposals.scheduler)
     if p.train.bg_iou_low >= p.regions.bg_iou:
@@ -323,6 +337,19 @@ def _check_consistency(p: Params) -> None:
         raise ParamError("proposals.n_jobs = 0 is invalid: expected a positive count or -1 for all cores")
     if p.data.source == "download" and not p.data.mirrors:
         raise ParamError("data.mirrors = [] is invalid: downloading needs at least one mirror URL")
+
+
+def _check_rpn(m: ModelParams) -> None:
+    """Anchors must be positive and proposals matched sensibly, or the RPN learns nothing."""
+    if not m.rpn_anchor_sizes or not all(1 <= size <= 4096 for size in m.rpn_anchor_sizes):
+        raise ParamError(f"model.rpn_anchor_sizes = {m.rpn_anchor_sizes!r} is invalid: expected a non-empty list of "
+                         f"box sizes in pixels, each in [1, 4096]")
+    if not m.rpn_aspect_ratios or not all(0 < ratio <= 100 for ratio in m.rpn_aspect_ratios):
+        raise ParamError(f"model.rpn_aspect_ratios = {m.rpn_aspect_ratios!r} is invalid: expected a non-empty list of "
+                         f"height/width ratios, each in (0, 100]")
+    if m.rpn_bg_iou > m.rpn_fg_iou:
+        raise ParamError(f"model.rpn_bg_iou = {m.rpn_bg_iou!r} is invalid: must be <= model.rpn_fg_iou "
+                         f"({m.rpn_fg_iou!r})")
 
 
 _SCHEDULER = re.compile(r"^(?:(?P<scheme>[a-z][a-z0-9+.-]*)://)?(?P<host>\[[^\]]+\]|[^:/\s]+)(?::(?P<port>[^/\s]*))?/?$")

@@ -43,6 +43,11 @@ FAST_RCNN = {
     "train.image_sizes": [400, 480, 560],
     "evaluate.max_proposals": 2000, "evaluate.nms_iou": 0.5,
 }
+# Faster R-CNN (issue 21): Fast R-CNN's recipe exactly, but with a region proposal network on the same map for
+# selective search (the RPN's own settings are the model.rpn_* defaults: 300 proposals an image at test time).
+FASTER_RCNN = {**{key: value for key, value in FAST_RCNN.items()
+                  if not key.startswith("proposals.") and key != "evaluate.max_proposals"},
+               "model.arch": "faster_rcnn"}
 
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     "fast-cpu": ("MobileNetV2, 160-px crops, selective search on 300-px copies: R-CNN in minutes on a CPU",
@@ -55,6 +60,9 @@ PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     "fast-rcnn": ("Fast R-CNN over selective search: MobileNetV2 with its last 8 blocks trained, multi-scale, "
                   "SGD + cosine, 24 epochs, 2,000 proposals, NMS 0.5",
                   FAST_RCNN),
+    "faster-rcnn": ("Faster R-CNN: the fast-rcnn recipe with a region proposal network trained jointly instead of "
+                    "selective search (no proposals stage work, 300 learned proposals an image)",
+                    FASTER_RCNN),
 }
 
 

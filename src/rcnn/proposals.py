@@ -315,3 +315,16 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
                "max_proposals": p.max_proposals}
     write_json(metrics_path, metrics)
     return metrics
+
+
+def run_no_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_dir: str | Path = "data/proposals",
+                           metrics_path: str | Path = "metrics/proposals.json") -> dict:
+    """The proposals stage of a detector that proposes its own regions (Faster R-CNN): no selective search,
+    ``out_dir`` and ``metrics_path`` saying so (an empty folder is not a reliable DVC output); the splits are
+    still checked."""
+    check_evaluation_split(voc.find_voc_root(voc_dir), params)
+    metrics = {"selective_search": False, "arch": params.model.arch, "seconds": 0.0}
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "none.json", metrics)
+    write_json(metrics_path, metrics)
+    return metrics

@@ -22,7 +22,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import cv2
 import joblib
@@ -334,10 +334,16 @@ def run_regions_stage(params: Params, voc_dir: str | Path = "data/voc", proposal
 
 # ---------------------------------------------------------------- labelled boxes (no crops)
 
-def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path) -> tuple[dict, float]:
-    """Label every proposal of a split and write ``<out_dir>/<split>/boxes.npz``; returns its index entry."""
+def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out_dir: Path,
+                with_proposals: bool = True) -> tuple[dict, float]:
+    """Label every proposal of a split and write ``<out_dir>/<split>/boxes.npz``; returns its index entry.
+    Without proposals (a detector that makes its own), the ground truth alone."""
     start = time.perf_counter()
-    annotations, proposals, skipped = split_inputs(params, root, proposals_dir, split)
+    if with_proposals:
+        annotations, proposals, skipped = split_inputs(params, root, proposals_dir, split)
+    else:
+        annotations = voc.load_split(root, split, params.classes, params.data.on_bad_annotation)
+        proposals, skipped = {a.image_id: np.zeros((0, 4), np.float32) for a in annotations}, []
     # Ground truth is not appended here: the detector adds it to every image's sample itself.
     settings = dataclasses.replace(params.regions, add_ground_truth=False)
     items = [image_boxes(ann, proposals[ann.image_id], label_candidates(proposals[ann.image_id], ann, settings).labels)
@@ -357,17 +363,19 @@ def split_boxes(params: Params, root: Path, proposals_dir: Path, split: str, out
 
 def run_box_regions_stage(params: Params, voc_dir: str | Path = "data/voc",
                           proposals_dir: str | Path = "data/proposals", out_dir: str | Path = "data/regions",
-                          metrics_path: str | Path = "metrics/regions.json") -> dict:
-    """Write labelled boxes and ``index.json`` for the train and val splits, and ``metrics/regions.json``."""
+                          metrics_path: str | Path = "metrics/regions.json", with_proposals: bool = True) -> dict:
+    """Write labelled boxes and ``index.json`` for the train and val splits, and ``metrics/regions.json``;
+    ``with_proposals=False`` stores the ground truth alone (Faster R-CNN proposes its own regions)."""
     root = voc.find_voc_root(voc_dir)
     r = params.regions
     index = {"format": "boxes", "classes": list(params.classes), "fg_iou": r.fg_iou, "bg_iou": r.bg_iou,
-             "difficult_as_foreground": r.difficult_as_foreground, "proposals_mode": params.proposals.mode,
+             "difficult_as_foreground": r.difficult_as_foreground,
+             "proposals_mode": params.proposals.mode if with_proposals else None,
              "splits": {}}
     seconds = 0.0
     with atomic_dir(out_dir) as tmp:
         for split in dict.fromkeys([params.data.train_split, params.data.val_split]):
-            index["splits"][split], took = split_boxes(params, root, Path(proposals_dir), split, tmp)
+            index["splits"][split], took = split_boxes(params, root, Path(proposals_dir), split, tmp, with_proposals)
             seconds += took
         write_json(tmp / "index.json", index)
     entries = index["splits"].values()
@@ -377,3 +385,8 @@ def run_box_regions_stage(params: Params, voc_dir: str | Path = "data/voc",
                "seconds": round(seconds, 3)}
     write_json(metrics_path, metrics)
     return metrics
+
+
+def run_ground_truth_regions_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
+    """The regions stage of a detector that proposes its own regions (Faster R-CNN): the ground truth alone."""
+    return run_box_regions_stage(params, *args, **kwargs, with_proposals=False)

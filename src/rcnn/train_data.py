@@ -16,7 +16,8 @@ from rcnn.bbox_regression import fit_box_regressor
 from rcnn.detection import Detector, labelled_split_ap, postprocess_settings, warn_if_unscorable
 from rcnn.errors import RcnnError
 from rcnn.finetune import ProposalSampler
-from rcnn.model import RegionClassifier, inference_autocast, preprocess
+from rcnn.device import inference_autocast
+from rcnn.model import RegionClassifier, preprocess
 from rcnn.params import Params
 from rcnn.region_boxes import ImageBoxes, load_boxes
 

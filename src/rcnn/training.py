@@ -39,7 +39,8 @@ from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.finetune import ProposalSampler
 from rcnn.hard_negatives import already_sampled, hard_score, mine_hard_negatives, negative_pool, pool_scores
-from rcnn.model import RegionClassifier, build_model, save_checkpoint, select_device
+from rcnn.device import select_device
+from rcnn.model import RegionClassifier, build_model, save_checkpoint
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, to_dict
 from rcnn.region_boxes import ImageBoxes

@@ -1,7 +1,9 @@
-"""Training Fast R-CNN end to end on the labelled proposals of the regions stage.
+"""Training a two-stage detector (:mod:`rcnn.roi_detector`: Fast or Faster R-CNN) end to end.
 
+One implementation for both families: they differ only in where RoIs come from (the labelled
+selective-search proposals of the regions stage, or the RPN trained jointly with the head).
 Every step takes ``train.images_per_batch`` images (flipped at random), and ``RoIHeads`` draws
-a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its labelled proposals plus
+a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its proposals plus
 the ground truth, ``train.fg_fraction`` of them foreground: each epoch sees a new sample.
 On a small training set an epoch passes over the images several times, so that the run makes at
 least ``train.min_steps`` steps: a new head needs a number of *steps*, not of passes, to learn
@@ -22,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,15 +35,14 @@ from rcnn import voc
 from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
 from rcnn.detection import labelled_split_ap, postprocess_settings, warn_if_unscorable
-from rcnn.fast_rcnn import (FastRCNN, FastRCNNDetector, build_fast_rcnn, flip_boxes, image_tensor, save_fast_rcnn,
-                            to_continuous)
 from rcnn.fileio import write_json
-from rcnn.model import inference_autocast, select_device
+from rcnn.device import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, TrainParams
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
+from rcnn.roi_detector import RoIDetection, RoIDetector, flip_boxes, image_tensor, save_roi_detector, to_continuous
 
 VAL_SAMPLE_SEED = 12345  # the validation loss uses the same RoI sample every epoch
 
@@ -52,7 +53,7 @@ class Example:
 
     path: Path
     boxes: ImageBoxes
-    proposals: np.ndarray  # labelled (not ignored) proposals, inclusive corners
+    proposals: np.ndarray  # labelled (not ignored) proposals, inclusive corners; none for Faster R-CNN
     gt_index: np.ndarray  # objects to learn (difficult ones excluded unless asked)
 
 
@@ -114,14 +115,14 @@ class _Meter:
     """Epoch totals of the multi-task loss and RoI accuracy (overall, foreground, and per class)."""
 
     def __init__(self, num_labels: int) -> None:
-        self.sums = {"loss": 0.0, "loss_classifier": 0.0, "loss_box_reg": 0.0}
+        self.sums = {"loss": 0.0}  # and one entry per loss term (the RPN's too, for Faster R-CNN)
         self.steps = 0
         self.tally = ClassTally(num_labels)
 
     def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.steps += 1
         for key, value in losses.items():
-            self.sums[key] += float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
         self.sums["loss"] += float(sum(losses.values()))
         self.tally.add(logits.argmax(dim=1), labels)
 
@@ -132,7 +133,7 @@ class _Meter:
                 "fg_share": int(self.tally.seen[1:].sum()) / seen}
 
 
-def roi_meter(model: FastRCNN, examples: list[Example], images_per_batch: int, device: torch.device) -> _Meter:
+def roi_meter(model: RoIDetector, examples: list[Example], images_per_batch: int, device: torch.device) -> _Meter:
     """Loss and RoI classification of ``model`` (eval mode) on ``examples``, with the same RoI sample every
     time: the validation numbers of every epoch, and the trained model's accuracy on its training images."""
     model.eval()
@@ -146,17 +147,17 @@ def roi_meter(model: FastRCNN, examples: list[Example], images_per_batch: int, d
     return meter
 
 
-def validation_ap(model: FastRCNN, examples: list[Example], params: Params, device: torch.device) -> dict[str, float]:
+def validation_ap(model: RoIDetector, detector_cls: type[RoIDetection], examples: list[Example], params: Params,
+                  device: torch.device) -> dict[str, float]:
     """Detection AP on the validation images, scored as the evaluate stage scores (its post-processing and
     its ``evaluate.max_proposals``)."""
-    detector = FastRCNNDetector(model.eval(), {"classes": list(params.classes)}, device,
-                                **postprocess_settings(params))
+    detector = detector_cls(model.eval(), {"classes": list(params.classes)}, device, **postprocess_settings(params))
     return labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples],
                              params.evaluate.max_proposals)
 
 
-def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Params, device: torch.device,
-        live: Live | None = None, resume: ResumePoint | None = None) -> dict:
+def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Example], val: list[Example],
+        params: Params, device: torch.device, live: Live | None = None, resume: ResumePoint | None = None) -> dict:
     """Train with early stopping on validation AP; ``model`` ends holding the best epoch's state.
 
     With ``resume``, every finished epoch is saved there, and a saved state is continued from.
@@ -177,7 +178,7 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
         best, best_key, best_state = loop["best"], tuple(loop["best_key"]), loop["best_state"]
         epochs_run = resumed_from = int(loop["epoch"])
         stopped, earlier_seconds = bool(loop["stopped"]), float(loop["seconds"])
-    bar = tqdm(range(epochs_run + 1, t.epochs + 1 if not stopped else epochs_run + 1), desc="train fast_rcnn",
+    bar = tqdm(range(epochs_run + 1, t.epochs + 1 if not stopped else epochs_run + 1), desc=f"train {model.arch}",
                unit="epoch", initial=epochs_run, total=t.epochs)
     for epoch in bar:
         model.train()
@@ -199,7 +200,7 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
             meter.add({k: v.detach() for k, v in losses.items()}, logits, labels)
         train_m = meter.result()
         val_meter = roi_meter(model, val, t.images_per_batch, device)
-        val_m = {**val_meter.result(), **validation_ap(model, val, params, device)}
+        val_m = {**val_meter.result(), **validation_ap(model, detector_cls, val, params, device)}
         epochs_run = epoch
         if live is not None:
             for name in ("loss", "accuracy", "fg_accuracy"):
@@ -236,14 +237,16 @@ def fit(model: FastRCNN, train: list[Example], val: list[Example], params: Param
             "resumed_from_epoch": resumed_from}
 
 
-def run_train_stage(params: Params, features_dir: str | Path = "data/features",
+def run_train_stage(params: Params, build: Callable[[Params, float, float], RoIDetector],
+                    detector_cls: type[RoIDetection], features_dir: str | Path = "data/features",
                     regions_dir: str | Path = "data/regions", model_path: str | Path = "data/model/model.pt",
                     metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "dvclive",
                     voc_dir: str | Path = "data/voc", resume_dir: str | Path | None = None) -> dict:
-    """Train Fast R-CNN, write the best checkpoint and ``metrics/train.json``; returns the metrics.
+    """Train the model ``build(params, fg_iou, bg_iou)`` makes (validation AP scored with ``detector_cls``), write
+    the best checkpoint and ``metrics/train.json``; returns the metrics.
 
-    ``features_dir`` is accepted for the common train-stage signature and not read: Fast R-CNN
-    computes its features from whole images while it trains. ``resume_dir``: where resume points
+    ``features_dir`` is accepted for the common train-stage signature and not read: a two-stage
+    detector computes its features from whole images while it trains. ``resume_dir``: where resume points
     live (:mod:`rcnn.resume`); None keeps none.
     """
     index = read_index(regions_dir, "boxes")
@@ -259,11 +262,11 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                         f"{params.data.val_split}): check the regions stage output in {regions_dir}")
     device = select_device(params.train.device)
     torch.manual_seed(params.seed)  # RoI sampling, dropout, multi-scale sizes
-    model = build_fast_rcnn(params, index["fg_iou"], index["bg_iou"]).to(device)
+    model = build(params, index["fg_iou"], index["bg_iou"]).to(device)
     point = open_resume_point(resume_dir, params, [regions_dir], voc_dir)
     with stage_live(live_dir, point) as live:  # the curves land only with the model they describe
-        summary = fit(model, train, val, params, device, live, point)
-        save_fast_rcnn(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
+        summary = fit(model, detector_cls, train, val, params, device, live, point)
+        save_roi_detector(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
         write_json(metrics_path, metrics)
     if point is not None:

@@ -1,20 +1,24 @@
-"""Fast R-CNN (Girshick, ICCV 2015) over the pipeline's selective-search proposals.
+"""Two-stage detection over one feature map, shared by Fast and Faster R-CNN.
 
-The image goes through the backbone once; every proposal is pooled from the last feature map
-with RoIAlign (:class:`RoIAlignPool`, over ``torchvision.ops.roi_align``) and a small head gives
-class scores and class-specific box offsets. torchvision's building blocks do the standard parts:
-``GeneralizedRCNNTransform`` resizes (shorter side ``model.image_size``, longer side at most
-``model.max_size``) and normalises; ``RoIHeads`` adds the ground truth to the proposals,
-matches, samples ``train.rois_per_image`` RoIs with a ``train.fg_fraction`` foreground share,
-encodes box targets and computes the multi-task loss (cross-entropy + smooth L1).
+The image goes through the backbone once; every region of interest is pooled from the last
+feature map with RoIAlign (:class:`RoIAlignPool`, over ``torchvision.ops.roi_align``) and a small
+head gives class scores and class-specific box offsets. Where the RoIs come from is the only
+thing the two families change (:meth:`RoIDetector.propose`): Fast R-CNN takes the pipeline's
+selective-search proposals, Faster R-CNN a region proposal network on the same map.
+torchvision's building blocks do the standard parts: ``GeneralizedRCNNTransform`` resizes
+(shorter side ``model.image_size``, longer side at most ``model.max_size``) and normalises;
+``RoIHeads`` adds the ground truth to the proposals, matches, samples ``train.rois_per_image``
+RoIs with a ``train.fg_fraction`` foreground share, encodes box targets and computes the
+multi-task loss (cross-entropy + smooth L1).
 
 Two choices differ from torchvision's Faster R-CNN defaults, both measured on a 2-core CPU:
 a 1x1 convolution reduces the map to ``model.roi_channels`` channels *before* pooling, and the
 head is ``model.hidden`` wide (512, not 1024): pooling 2,000 RoIs from the 1280-channel
 MobileNetV2 map into a 1024-wide head took 2.3 s per image, 0.16 s with 128 channels and 512.
 Detection uses the project's post-processing (:func:`rcnn.detection.postprocess_detections`,
-VOC ``+1`` NMS, deterministic ties) rather than ``RoIHeads.postprocess_detections``, so both
-detector families are scored by exactly the same rules.
+VOC ``+1`` NMS, deterministic ties) rather than ``RoIHeads.postprocess_detections``, so every
+detector family is scored by exactly the same rules. Boxes are decoded in float32 whatever the
+autocast dtype.
 
 Boxes: the pipeline's inclusive corners become torchvision's continuous corners by adding one
 to the far corner (:data:`rcnn.boxes.INCLUSIVE_SHIFT`) on the way in, and back on the way out.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
@@ -40,12 +45,13 @@ from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
 from rcnn.detection import Detector, postprocess_detections
 from rcnn.errors import RcnnError
 from rcnn.evaluation import Detections
-from rcnn.model import (IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone, inference_autocast,
-                        is_int_in, state_payload, use_channels_last, write_checkpoint)
+from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
+from rcnn.checkpoints import is_int_in, state_payload, write_checkpoint
+from rcnn.device import inference_autocast, use_channels_last
 from rcnn.params import Params, to_dict
 
-# Constructor arguments of FastRCNN that a checkpoint records (its "config").
 FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResNet layer4, MobileNet features)
+# Constructor arguments of RoIDetector that a checkpoint records (its "config"); a family may add its own.
 CONFIG_KEYS = ("backbone", "num_classes", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout",
                "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction")
 
@@ -56,7 +62,7 @@ def _fraction(value: Any, lo_open: bool = False) -> bool:
 
 
 def check_config(config: dict[str, Any], classes: Any) -> None:
-    """Raise ValueError naming the first field of a Fast R-CNN checkpoint's config that cannot be right
+    """Raise ValueError naming the first field of a two-stage checkpoint's config that cannot be right
     (the ranges ``params.yaml`` allows), before anything is built from it."""
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise ValueError("classes must be a non-empty list of names")
@@ -136,13 +142,18 @@ class RoIAlignPool(nn.Module):
                          sampling_ratio=self.sampling_ratio, aligned=True)
 
 
-class FastRCNN(nn.Module):
-    """Backbone + RoIAlign + two-layer head with class scores and class-specific box deltas.
+class RoIDetector(nn.Module):
+    """Backbone + RoIAlign + two-layer head with class scores and class-specific box deltas; the RoIs come
+    from :meth:`propose`, which each family defines.
 
     The first units of the backbone are frozen and the last ``trainable_layers`` train; every
     BatchNorm keeps its ImageNet statistics (batches of two images would only add noise), so
     the backbone always runs in eval mode while its trainable weights still learn.
     """
+
+    arch: ClassVar[str]  # the family's name, written into its checkpoints
+    config_keys: ClassVar[tuple[str, ...]] = CONFIG_KEYS
+    takes_proposals: ClassVar[bool] = True  # detection needs the pipeline's proposals
 
     def __init__(self, backbone: str, num_classes: int, weights: str = "none", trainable_layers: int = 0,
                  roi_channels: int = 128, roi_size: int = 7, hidden: int = 512, dropout: float = 0.0,
@@ -167,7 +178,8 @@ class FastRCNN(nn.Module):
         self.body = _feature_body(trunk)
         self.reduce = nn.Sequential(nn.Conv2d(dim, roi_channels, 1), nn.ReLU(inplace=True)) if roi_channels \
             else nn.Identity()
-        pooled = (roi_channels or dim) * roi_size * roi_size
+        self.feature_channels = roi_channels or dim
+        pooled = self.feature_channels * roi_size * roi_size
         head = nn.Sequential(nn.Flatten(), nn.Linear(pooled, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                              nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.roi_heads = RoIHeads(
@@ -181,13 +193,24 @@ class FastRCNN(nn.Module):
                                                   list(IMAGENET_STD))
         self.train(False)
 
-    def train(self, mode: bool = True) -> "FastRCNN":
+    @classmethod
+    def check_config(cls, config: dict[str, Any], classes: Any) -> None:
+        """ValueError for the first config field a checkpoint of this family cannot have."""
+        check_config(config, classes)
+
+    def train(self, mode: bool = True) -> "RoIDetector":
         """Like nn.Module.train, but the backbone stays in eval mode (frozen BatchNorm statistics)."""
         super().train(mode)
         self.body.eval()
         # GeneralizedRCNNTransform picks a random training size in train mode, the last in eval.
         self.transform.min_size = self.train_sizes if mode else self.eval_sizes
         return self
+
+    def propose(self, batch: ImageList, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                targets: list[dict[str, torch.Tensor]] | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The RoIs of each image (resized pixels, continuous corners) and the losses of whatever made them;
+        ``proposals`` are the pipeline's, already resized; ``targets`` are given when losses are wanted."""
+        raise NotImplementedError
 
     def _features(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
                   targets: list[dict[str, torch.Tensor]] | None = None):
@@ -203,7 +226,7 @@ class FastRCNN(nn.Module):
         if use_channels_last(x.device):
             x = x.contiguous(memory_format=torch.channels_last)
         features = {"0": self.reduce(self.body(x))}
-        return features, scaled, batch.image_sizes, targets, sizes
+        return batch, features, scaled, targets, sizes
 
     def _head(self, features: dict[str, torch.Tensor], rois: list[torch.Tensor],
               image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,53 +235,62 @@ class FastRCNN(nn.Module):
 
     def losses(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
                targets: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Fast R-CNN's multi-task loss on a fresh RoI sample; also the sampled logits and labels."""
-        features, scaled, image_sizes, targets, _ = self._features(images, proposals, targets)
-        rois, _, labels, box_targets = self.roi_heads.select_training_samples(scaled, targets)
-        logits, deltas = self._head(features, rois, image_sizes)
+        """The multi-task loss (the proposer's too) on a fresh RoI sample; also the sampled logits and labels."""
+        batch, features, scaled, targets, _ = self._features(images, proposals, targets)
+        rois, proposer_losses = self.propose(batch, features, scaled, targets)
+        rois, _, labels, box_targets = self.roi_heads.select_training_samples(rois, targets)
+        logits, deltas = self._head(features, rois, batch.image_sizes)
         loss_cls, loss_box = fastrcnn_loss(logits.float(), deltas.float(), labels, box_targets)
-        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}, logits.detach(), torch.cat(labels)
+        return ({**proposer_losses, "loss_classifier": loss_cls, "loss_box_reg": loss_box}, logits.detach(),
+                torch.cat(labels))
 
-    def score(self, image: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax scores ``(N, C+1)`` and per-class boxes ``(N, C+1, 4)`` (original pixels, continuous)."""
-        features, scaled, image_sizes, _, sizes = self._features([image], [proposals])
-        logits, deltas = self._head(features, scaled, image_sizes)
-        boxes = self.roi_heads.box_coder.decode(deltas.float(), scaled)  # (N, C+1, 4) in resized pixels
-        (nh, nw), (h, w) = image_sizes[0], sizes[0]
+    def score(self, image: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Softmax scores ``(N, C+1)``, per-class boxes ``(N, C+1, 4)`` and the ``N`` RoIs they came from
+        ``(N, 4)``, all in original pixels, continuous corners."""
+        batch, features, scaled, _, sizes = self._features([image], [proposals])
+        rois, _ = self.propose(batch, features, scaled, None)
+        logits, deltas = self._head(features, rois, batch.image_sizes)
+        boxes = self.roi_heads.box_coder.decode(deltas.float(), [r.float() for r in rois])  # (N, C+1, 4), resized
+        (nh, nw), (h, w) = batch.image_sizes[0], sizes[0]
         scale = torch.tensor([w / nw, h / nh, w / nw, h / nh], dtype=boxes.dtype, device=boxes.device)
-        return torch.softmax(logits.float(), dim=1), boxes * scale
+        return torch.softmax(logits.float(), dim=1), boxes * scale, rois[0].float() * scale
 
 
-def build_fast_rcnn(params: Params, fg_iou: float = 0.5, bg_iou: float = 0.5) -> FastRCNN:
-    """The FastRCNN described by ``params.model``/``params.train``, initialised from ``params.seed``.
-
-    ``fg_iou``/``bg_iou`` are the thresholds the regions stage labelled with (from its index).
-    """
+def detector_kwargs(params: Params, fg_iou: float, bg_iou: float) -> dict[str, Any]:
+    """The shared constructor arguments of the model ``params.model``/``params.train`` describe; ``fg_iou``/
+    ``bg_iou`` are the thresholds the regions stage labelled with (from its index)."""
     m, t = params.model, params.train
+    return {"backbone": m.backbone, "num_classes": len(params.classes), "weights": m.weights,
+            "trainable_layers": m.trainable_layers, "roi_channels": m.roi_channels, "roi_size": m.roi_size,
+            "hidden": m.hidden, "dropout": m.dropout, "image_size": m.image_size, "max_size": m.max_size,
+            "train_sizes": tuple(t.image_sizes), "fg_iou": fg_iou, "bg_iou": bg_iou,
+            "rois_per_image": t.rois_per_image, "fg_fraction": t.fg_fraction}
+
+
+def seeded(params: Params, build: Any, **kwargs: Any) -> RoIDetector:
+    """``build(**kwargs)`` with the weights the new layers get drawn from ``params.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
-        return FastRCNN(m.backbone, len(params.classes), weights=m.weights, trainable_layers=m.trainable_layers,
-                        roi_channels=m.roi_channels, roi_size=m.roi_size, hidden=m.hidden, dropout=m.dropout,
-                        image_size=m.image_size, max_size=m.max_size, train_sizes=tuple(t.image_sizes),
-                        fg_iou=fg_iou, bg_iou=bg_iou, rois_per_image=t.rois_per_image, fg_fraction=t.fg_fraction)
+        return build(**kwargs)
 
 
-def save_fast_rcnn(path: str | Path, model: FastRCNN, params: Params, extra: dict[str, Any]) -> None:
+def save_roi_detector(path: str | Path, model: RoIDetector, params: Params, extra: dict[str, Any]) -> None:
     """A self-describing checkpoint: ``arch``, the constructor config, classes, params and the state dict."""
-    meta = {"arch": "fast_rcnn", "classes": list(params.classes), "config": dict(model.config),
+    meta = {"arch": model.arch, "classes": list(params.classes), "config": dict(model.config),
             "weights": params.model.weights, "params": to_dict(params), "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), **extra}
     write_checkpoint(path, state_payload(model, meta))
 
 
-def load_fast_rcnn(payload: dict[str, Any], path: str | Path, device: torch.device) -> FastRCNN:
-    """Rebuild a FastRCNN from a checkpoint payload (eval mode, on ``device``)."""
+def load_roi_detector(model_cls: type[RoIDetector], payload: dict[str, Any], path: str | Path,
+                      device: torch.device) -> RoIDetector:
+    """Rebuild a ``model_cls`` from a checkpoint payload (eval mode, on ``device``)."""
     meta = payload["meta"]
     try:
-        config = {key: meta["config"][key] for key in CONFIG_KEYS}
-        check_config(config, meta["classes"])
-        config["train_sizes"] = tuple(config["train_sizes"])
-        model = FastRCNN(**config)
+        config = {key: meta["config"][key] for key in model_cls.config_keys}
+        model_cls.check_config(config, meta["classes"])
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+        model = model_cls(**config)
         model.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError, RcnnError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -268,18 +300,27 @@ def load_fast_rcnn(payload: dict[str, Any], path: str | Path, device: torch.devi
 
 
 @dataclass
-class FastRCNNDetector(Detector):
-    """Detection with a Fast R-CNN checkpoint: one backbone pass per image, every proposal scored at once."""
+class RoIDetection(Detector):
+    """Detection with a two-stage checkpoint: one backbone pass per image, every RoI scored at once. The
+    family's module sets ``model_cls``."""
+
+    model_cls: ClassVar[type[RoIDetector]]
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], path: str | Path, device: torch.device,
-                     **settings: float) -> "FastRCNNDetector":
-        return cls(load_fast_rcnn(payload, path, device), payload["meta"], device, **settings)
+                     **settings: float) -> "RoIDetection":
+        return cls(load_roi_detector(cls.model_cls, payload, path, device), payload["meta"], device, **settings)
 
-    def detect(self, image_bgr: np.ndarray, proposals: np.ndarray) -> Detections:
-        """Detections of one BGR image given its ranked proposals (inclusive corners)."""
-        proposals = np.asarray(proposals, dtype=np.float32).reshape(-1, 4)
-        if len(proposals) == 0:
+    @property
+    def takes_proposals(self) -> bool:
+        return self.model.takes_proposals
+
+    def detect(self, image_bgr: np.ndarray, proposals: np.ndarray | None = None) -> Detections:
+        """Detections of one BGR image given its ranked proposals (inclusive corners; ignored, and may be
+        None, where the model proposes its own)."""
+        proposals = np.asarray(proposals if proposals is not None else np.zeros((0, 4)), np.float32).reshape(-1, 4)
+        if self.takes_proposals and len(proposals) == 0:
+            self.last_rois = proposals
             return Detections.empty()
         start = time.perf_counter()
         image = image_tensor(image_bgr).to(self.device)
@@ -287,8 +328,9 @@ class FastRCNNDetector(Detector):
         self.timings.crops += time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode(), inference_autocast(self.device):
-            probs, boxes = self.model.score(image, rois)
+            probs, boxes, scored = self.model.score(image, rois)
         probs, boxes = probs.cpu().numpy(), boxes.cpu().numpy() - INCLUSIVE_SHIFT
+        self.last_rois = scored.cpu().numpy() - INCLUSIVE_SHIFT
         self.timings.cnn += time.perf_counter() - start
         start = time.perf_counter()
         height, width = image_bgr.shape[:2]

@@ -1,0 +1,72 @@
+"""Checkpoint files: written atomically with stable bytes, read with ``weights_only`` loading, named by family.
+
+Each family stores its own ``meta`` (what rebuilds its model) beside the state dict; the format
+number guards against files of another layout.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcnn.errors import RcnnError
+from rcnn.fileio import write_bytes
+
+CHECKPOINT_FORMAT = 1
+
+
+def safe_torch_load(path: Path, missing: str, unreadable: str) -> Any:
+    """``torch.load(weights_only=True)``; a missing or unreadable file becomes one RcnnError line.
+
+    ``unreadable`` may contain ``{reason}``, filled with the first line of the loader's error.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RcnnError(missing) from None
+    except Exception as err:  # noqa: BLE001 - bytes that are not a torch zip fail in many ways (KeyError, IndexError, ...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RcnnError(unreadable.replace("{reason}", reason)) from None
+
+
+def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, with the same bytes for the same payload.
+
+    ``torch.save`` names the zip's inner folder after the file it writes to; saving to memory
+    first keeps a temporary file's random name out of the bytes DVC hashes.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a checkpoint written by :func:`write_checkpoint` (``weights_only`` loading)."""
+    path = Path(path)
+    payload = safe_torch_load(path, f"checkpoint {path} not found: run the train stage first",
+                         f"checkpoint {path} is corrupt or not a checkpoint ({{reason}}); rerun the train stage")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or \
+            not isinstance(payload.get("meta"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise RcnnError(f"checkpoint {path} is not an rcnn checkpoint of format {CHECKPOINT_FORMAT}; "
+                        f"rerun the train stage")
+    return payload
+
+
+def checkpoint_arch(payload: dict[str, Any]) -> str:
+    """The detector family a checkpoint holds (checkpoints without the key predate Fast R-CNN: R-CNN)."""
+    return str(payload["meta"].get("arch", "rcnn"))
+
+
+def state_payload(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint payload: format, meta and the model's CPU state dict."""
+    return {"format": CHECKPOINT_FORMAT, "meta": meta,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+
+
+def is_int_in(value: Any, lo: int, hi: int | None = None) -> bool:
+    """``value`` is an int (not a bool) in ``[lo, hi]``: checkpoint metadata is checked before use."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)

@@ -1,0 +1,4 @@
+"""The detector families, one module (or sub-package) each, chosen by :mod:`rcnn.detectors`.
+
+A family module imports shared modules of :mod:`rcnn` only, never another family's.
+"""
