@@ -244,7 +244,8 @@ def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
     run(["dvc", "checkout", "--force"], project)
     exp = run(["dvc", "exp", "run", "-n", "fast", *FAST_RCNN_OPTIONS], project)
     ran = _ran(exp.stdout)
-    assert ran == {"regions", "features", "train", "evaluate", "render"}, exp.stdout
+    # model.arch is read by the proposals stage (no selective search for faster_rcnn): it reruns, same bytes
+    assert ran == {"proposals", "regions", "features", "train", "evaluate", "render"}, exp.stdout
     assert json.loads((project / "metrics" / "regions.json").read_text())["format"] == "boxes"
     features = sorted(p.name for p in (project / "data" / "features").iterdir())
     assert features == ["info.json"]  # nothing cached, nothing stale
@@ -264,6 +265,16 @@ def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
     detect = run(["rcnn-detect", str(sorted((source / "JPEGImages").glob("*.jpg"))[0]),
                   "--checkpoint", "data/model/model.pt", "--score", "0.0", "--max-proposals", "50"], project)
     assert detect.stdout.strip(), detect.stderr
+    faster = run(["dvc", "exp", "run", "-n", "faster", *FAST_RCNN_OPTIONS, "-S", "model.arch=faster_rcnn",
+                  "-S", "train.epochs=2"], project)
+    assert _ran(faster.stdout) == {"proposals", "regions", "features", "train", "evaluate", "render"}, faster.stdout
+    assert json.loads((project / "metrics" / "proposals.json").read_text())["selective_search"] is False
+    assert json.loads((project / "metrics" / "eval.json").read_text())["proposal_recall"]["source"] == "learned"
+    detect = run(["rcnn-detect", str(sorted((source / "JPEGImages").glob("*.jpg"))[0]),
+                  "--checkpoint", "data/model/model.pt", "--score", "0.0"], project)
+    assert detect.stdout.strip(), detect.stderr
+    back = run(["dvc", "exp", "run", "-n", "fast-again", *FAST_RCNN_OPTIONS], project)  # all in the run cache
+    assert _ran(back.stdout) == set(), back.stdout
 
 
 def test_rcnn_fine_tuning_svms_and_hard_negatives_run_through_dvc(project: Path):
