@@ -35,9 +35,9 @@ import torchvision
 import yaml
 from stock_peer import peer
 
-from rcnn import download, features, presets
+from rcnn import download, presets
 from rcnn.detection import run_evaluate_stage
-from rcnn.detectors import run_proposals_stage, run_regions_stage, run_train_stage
+from rcnn.detectors import run_features_stage, run_proposals_stage, run_regions_stage, run_train_stage
 from rcnn.device import inference_dtype, select_device
 from rcnn.errors import run_cli
 from rcnn.fileio import atomic_path, write_json
@@ -60,7 +60,7 @@ def pipeline(params: Params, work: Path) -> dict[str, Any]:
                                                            work / "proposals.json"))
     stage("regions", lambda: run_regions_stage(params, d / "voc", d / "proposals", d / "regions",
                                                work / "regions.json"))
-    stage("features", lambda: features.run_features_stage(params, d / "regions", d / "features"))
+    stage("features", lambda: run_features_stage(params, d / "regions", d / "features"))
     stage("train", lambda: run_train_stage(params, d / "features", d / "regions", d / "model.pt",
                                            work / "train.json", work / "dvclive", d / "voc"))
     result = stage("evaluate", lambda: run_evaluate_stage(params, d / "voc", d / "proposals", d / "model.pt",

@@ -34,12 +34,14 @@ import numpy as np
 import torch
 import torchvision
 
-from rcnn import features, proposals, regions, synthetic, train_data, training, voc
-from rcnn.detection import Detector, Timings
+from rcnn import proposals, regions, synthetic, voc
+from rcnn.families.rcnn import features, train_data, training
+from rcnn.detector import Timings
+from rcnn.families.rcnn.detector import RCNNDetector
 from rcnn.errors import RcnnError, run_cli
 from rcnn.fileio import atomic_path, write_json
 from rcnn.device import inference_dtype, select_device
-from rcnn.model import RegionClassifier, build_model
+from rcnn.families.rcnn.model import RegionClassifier, build_model
 from rcnn.params import (BACKBONES, SPLITS, VOC_CLASSES, DataParams, EvaluateParams, ModelParams, Params,
                          ProposalParams, RegionParams, TrainParams)
 
@@ -292,7 +294,7 @@ def bench_training(w: Workload, repeats: int, regions_dir: Path, tut_files: list
     return result, rows, model
 
 
-def _detect_pass(w: Workload, detector: Detector, image_ids: Sequence[str],
+def _detect_pass(w: Workload, detector: RCNNDetector, image_ids: Sequence[str],
                  max_proposals: int) -> tuple[dict, dict, int, int]:
     """Detect on ``image_ids`` both ways; seconds per part summed over the images, and detection counts."""
     p = w.params
@@ -318,7 +320,7 @@ def _detect_pass(w: Workload, detector: Detector, image_ids: Sequence[str],
 def bench_detection(w: Workload, repeats: int, model: RegionClassifier, device: torch.device) -> tuple[dict, list[Row]]:
     """Seconds per image in proposals, crop preparation, CNN and post-processing, both ways."""
     p, e = w.params, w.params.evaluate
-    detector = Detector(model, {"classes": p.classes, "crop_size": p.regions.crop_size,
+    detector = RCNNDetector(model, {"classes": p.classes, "crop_size": p.regions.crop_size,
                                 "context": p.regions.context, "bbox_regressor": None}, device,
                         score_threshold=e.score_threshold, nms_iou=e.nms_iou, max_detections=e.max_detections,
                         batch_size=e.batch_size)

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from rcnn import proposals, voc
 from rcnn.fileio import load_pickle
-from rcnn.model import RegionClassifier, preprocess
-from rcnn.train_data import TrainData
+from rcnn.families.rcnn.model import RegionClassifier, preprocess
+from rcnn.families.rcnn.train_data import TrainData
 
 TRAIN_PROPOSALS = 1000  # the first 1,000 fast-mode rectangles
 MAX_BOXES = 50  # regions per image, half foreground, half background

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rcnn import features, proposals, regions
+from rcnn import proposals, regions
+from rcnn.families.rcnn import features
 from rcnn.params import ModelParams, Params, TrainParams
 from rcnn.synthetic import generate
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from rcnn.bbox_regression import fit_box_regressor, refine_boxes
+from rcnn.families.rcnn.bbox_regression import fit_box_regressor, refine_boxes
 from rcnn.boxes import box_iou, decode_boxes, encode_boxes
 
 

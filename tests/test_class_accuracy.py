@@ -15,7 +15,7 @@ from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
-from rcnn.features import run_features_stage
+from rcnn.families.rcnn.features import run_features_stage
 from rcnn.params import from_dict
 from rcnn.proposals import run_proposals_stage
 from rcnn.synthetic import generate

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from rcnn import voc
-from rcnn.detection import main, postprocess_detections, run_evaluate_stage
+from rcnn.detect_cli import main
+from rcnn.detection import run_evaluate_stage
+from rcnn.detector import postprocess_detections
 from rcnn.detectors import load_detector
 from rcnn.errors import RcnnError
 from rcnn.evaluation import load_detections, read_voc_results
-from rcnn.model import RegionClassifier, save_checkpoint
+from rcnn.families.rcnn.model import RegionClassifier, save_checkpoint
 from rcnn.params import EvaluateParams, Params
 from rcnn.proposals import proposal_file
 
@@ -164,6 +166,9 @@ def test_evaluate_stage_writes_detections_metrics_and_curves(tiny_checkpoint, sy
         low, high = metrics[f"{key}_ci95"]
         assert low <= metrics[key] <= high
     assert metrics["allow_overlap"] is False and metrics["shared_ids"] == {"train": 0, "val": 0}
+    coco = metrics["coco"]  # pycocotools' figures of the same detections (shown by dvc metrics as coco.ap, ...)
+    assert set(coco) == {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100"}
+    assert 0 <= coco["ap75"] <= coco["ap50"] <= 1 and coco["ap"] <= coco["ap50"] and 0 < coco["ar100"] <= 1
     stored = load_detections(out["detections_dir"] / "detections.npz")
     assert stored.classes == CLASSES and stored.split == "test" and sorted(stored.detections) == ids
     assert len(stored.detections[ids[0]]) == 0
@@ -210,7 +215,8 @@ def test_box_regressor_in_checkpoint_moves_boxes(tmp_path, synthetic_voc):
 
 def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
     """proposals -> regions -> features -> train -> evaluate on the synthetic set, small settings."""
-    from rcnn import features, proposals, regions, training
+    from rcnn import proposals, regions
+    from rcnn.families.rcnn import features, training
     from rcnn.evaluation import evaluate_detections
     from rcnn.params import ModelParams, TrainParams
 

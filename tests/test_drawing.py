@@ -68,9 +68,9 @@ def test_render_stage_writes_decodable_images_and_grid(tmp_path, synthetic_voc):
     params = dataclasses.replace(Params(), render=RenderParams(num_images=3, grid_columns=2))
     written = run_render_stage(params, synthetic_voc, det_dir, tmp_path / "render")
     names = sorted(p.name for p in (tmp_path / "render").iterdir())
-    assert names == sorted([f"{i}.jpg" for i in ids[:3]] + ["grid.jpg"]) == sorted(p.name for p in written)
+    assert names == sorted([f"{i}-predictions.jpg" for i in ids[:3]] + ["grid.jpg"]) == sorted(p.name for p in written)
     for image_id in ids[:3]:
-        out = cv2.imread(str(tmp_path / "render" / f"{image_id}.jpg"))
+        out = cv2.imread(str(tmp_path / "render" / f"{image_id}-predictions.jpg"))
         src = voc.read_image(voc.image_path(synthetic_voc, image_id))
         assert out is not None and out.shape == src.shape
     grid = cv2.imread(str(tmp_path / "render" / "grid.jpg"))

@@ -145,6 +145,10 @@ def test_experiment_reruns_only_training_and_after(project: Path):
     assert "metrics/train.json" in metrics_diff or "metrics/eval.json" in metrics_diff, metrics_diff
     shown = run(["dvc", "exp", "show", "--no-pager", "--md"], project).stdout
     assert "lr3" in shown and "workspace" in shown
+    # the two experiments' pictures side by side: one image per revision in one page
+    diff = json.loads(run(["dvc", "plots", "diff", "HEAD", "lr3", "--json"], project).stdout)["data"]
+    grid = diff["data/render/grid.jpg"]
+    assert sorted(rev for entry in grid for rev in entry["revisions"]) == ["HEAD", "lr3"], grid
 
 
 def test_scoring_the_validation_split_stops_unless_the_user_opts_in(project: Path):
@@ -169,6 +173,12 @@ def test_plots_show_writes_html(project: Path):
     run(["dvc", "plots", "show", "-o", str(out)], project)
     html = (out / "index.html").read_text()
     assert "loss" in html and "precision" in html
+    listed = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    assert "metrics/confusion.json" in listed  # DVC's confusion template over the evaluate stage's records
+    pictures = [name for name in listed if name.startswith("data/render") and name.endswith(".jpg")]
+    assert any(name.endswith("grid.jpg") for name in pictures), sorted(listed)
+    records = json.loads((project / "metrics" / "confusion.json").read_text())
+    assert records and all(set(r) == {"actual", "predicted"} for r in records)
 
 
 def test_killed_stage_is_rerun_and_completes(project: Path):

@@ -16,7 +16,7 @@ from rcnn.errors import RcnnError
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
 from rcnn.roi_detector import RoIAlignPool, save_roi_detector
 from rcnn.roi_training import Example, _load, steps_per_epoch
-from rcnn.features import run_features_stage
+from rcnn.families.rcnn.features import run_features_stage
 from rcnn.params import Params, TrainParams, from_dict
 from rcnn.proposals import run_proposals_stage
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
@@ -144,8 +144,9 @@ def test_tampered_fast_rcnn_checkpoint_is_one_clear_error(tmp_path: Path):
 
 
 def test_factory_knows_each_arch_and_rejects_others():
-    assert family("rcnn").region_format == "crops" and family("rcnn").caches_features
-    assert family("fast_rcnn").region_format == "boxes" and not family("fast_rcnn").caches_features
+    assert family("rcnn").region_format == "crops" and family("rcnn").features_stage.startswith("rcnn.families.rcnn.")
+    assert family("fast_rcnn").region_format == "boxes" and family("fast_rcnn").features_stage.startswith(
+        "rcnn.feature_cache:")
     with pytest.raises(RcnnError, match="model.arch = 'yolo' is unknown"):
         family("yolo")
 

@@ -28,8 +28,8 @@ def _params(source: Path, **train) -> Params:
         "model": {"arch": "faster_rcnn", "backbone": "resnet18", "weights": "none", "trainable_layers": 5,
                   "image_size": 160, "max_size": 224, "roi_channels": 64, "roi_size": 5, "hidden": 128,
                   "dropout": 0.0, "rpn_anchor_sizes": [16, 32, 64, 128]},
-        "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 6,
-                  "min_steps": 240, "patience": 6, "device": "cpu", "rois_per_image": 64, **train},
+        "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 8,
+                  "min_steps": 320, "patience": 8, "device": "cpu", "rois_per_image": 64, **train},
         "evaluate": {"nms_iou": 0.5}})
 
 
@@ -59,7 +59,8 @@ def test_the_regions_stage_stores_ground_truth_only(trained):
 def test_faster_rcnn_learns_foreground_and_scores_well_above_chance(trained):
     work, _, _, result = trained
     train = json.loads((work / "train.json").read_text())
-    # 240 steps from random weights: which class lags varies with the thread count, but most learn
+    # 320 steps from random weights (240 collapsed a class under bf16): which class lags varies with the
+    # thread count and precision, but most learn
     assert not train["collapsed"] and sum(v > 0 for v in train["train_fg_accuracy"].values()) >= 2, train
     assert {"val_loss_objectness", "val_loss_rpn_box_reg"} <= set(train)  # the RPN's loss is validated too
     assert result["map"] > 0.1, result["map"]  # an untrained detector scores about 0.001 here

@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import features, regions, train_data, training, voc
+from rcnn import regions, voc
+from rcnn.families.rcnn import features, train_data, training
 from rcnn.boxes import box_iou
 from rcnn.crops import warp_crops
 from rcnn.detectors import load_detector
-from rcnn.features import crop_features
-from rcnn.finetune import ProposalSampler, jitter_boxes
-from rcnn.hard_negatives import mine_hard_negatives, negative_pool
-from rcnn.model import RegionClassifier
+from rcnn.families.rcnn.features import crop_features
+from rcnn.families.rcnn.finetune import ProposalSampler, jitter_boxes
+from rcnn.families.rcnn.hard_negatives import mine_hard_negatives, negative_pool
+from rcnn.families.rcnn.model import RegionClassifier
 from rcnn.params import ModelParams, Params, TrainParams
 from rcnn.region_boxes import load_boxes
-from rcnn.svm import fit_svms, svm_scores
+from rcnn.families.rcnn.svm import fit_svms, svm_scores
 
 CLASSES = ["car", "dog", "person"]
 
@@ -112,7 +113,7 @@ def test_mining_takes_each_images_highest_scores_not_yet_taken():
 
 
 def test_mining_never_adds_a_background_region_the_regions_stage_sampled(regions_dir, tmp_path):
-    from rcnn.hard_negatives import NegativePool, already_sampled
+    from rcnn.families.rcnn.hard_negatives import NegativePool, already_sampled
 
     items = _items(regions_dir)[:3]
     bg = [item.proposals[item.labels == 0] for item in items]

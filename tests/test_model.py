@@ -13,7 +13,7 @@ from torch import nn
 from rcnn.errors import RcnnError
 from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from rcnn.device import select_device
-from rcnn.model import RegionClassifier, build_model, load_checkpoint, preprocess, save_checkpoint
+from rcnn.families.rcnn.model import RegionClassifier, build_model, load_checkpoint, preprocess, save_checkpoint
 from rcnn.params import ModelParams, Params
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from rcnn import train_data, training, voc
-from rcnn.detection import labelled_split_ap, postprocess_settings
+from rcnn import voc
+from rcnn.families.rcnn import train_data, training
+from rcnn.detector import labelled_split_ap, postprocess_settings
 from rcnn.detectors import load_detector, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
 from rcnn.params import Params, from_dict

@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import download, features, proposals, regions, voc
-from rcnn.detection import main as detect_main
+from rcnn import download, proposals, regions, voc
+from rcnn.families.rcnn import features
+from rcnn.detect_cli import main as detect_main
 from rcnn.drawing import run_render_stage
 from rcnn.errors import ParamError, RcnnError
 from rcnn.evaluation import Detections, save_detections
 from rcnn.fileio import load_pickle
 from rcnn.backbones import build_backbone
 from rcnn.checkpoints import read_checkpoint, write_checkpoint
-from rcnn.model import RegionClassifier, load_checkpoint, save_checkpoint
+from rcnn.families.rcnn.model import RegionClassifier, load_checkpoint, save_checkpoint
 from rcnn.params import DataParams, Params, load_params
 
 CLASSES = ["car", "dog", "person"]
@@ -205,11 +206,13 @@ def test_7_a_params_file_that_is_not_utf8_is_one_error(tmp_path):
 
 # 8 ------------------------------------------------------------------------------------------------
 
-def test_8_detect_cli_rejects_a_useless_max_side_and_a_folder_as_out(checkpoint, synthetic_voc, tmp_path, capsys):
+def test_8_detect_cli_rejects_a_useless_max_side_and_a_file_as_out_folder(checkpoint, synthetic_voc, tmp_path, capsys):
     image = str(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "val")[0]))
     for side in ("0", "-3"):
         assert "--max-side" in _one_line_exit_2([image, "--checkpoint", str(checkpoint), "--max-side", side], capsys)
-    assert "is a folder" in _one_line_exit_2([image, "--checkpoint", str(checkpoint), "--out", str(tmp_path)], capsys)
+    (tmp_path / "notes.txt").write_text("a file")
+    assert "is a file: name a folder" in _one_line_exit_2([image, str(synthetic_voc), "--checkpoint", str(checkpoint),
+                                                           "--out", str(tmp_path / "notes.txt")], capsys)
 
 
 # 9 ------------------------------------------------------------------------------------------------

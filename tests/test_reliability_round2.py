@@ -145,7 +145,7 @@ def test_7_the_regions_stages_own_file_loads(regions_dir):
 
 def test_8_an_interrupted_train_stage_leaves_the_previous_curves_model_and_metrics(regions_dir, features_dir,
                                                                                 tmp_path, monkeypatch):
-    from rcnn import training
+    from rcnn.families.rcnn import training
     from rcnn.params import ModelParams, TrainParams
 
     params = Params(classes=CLASSES, model=ModelParams(backbone="resnet18", weights="none", hidden=16),
@@ -202,8 +202,8 @@ def test_minor_a_closed_pipe_ends_quietly():
     assert b"Traceback" not in writer.stderr.read()
 
 
-def test_minor_rcnn_detect_names_a_folder_and_its_own_device_flag(synthetic_voc, tmp_path, capsys):
-    from rcnn.detection import main as detect_main
+def test_minor_rcnn_detect_names_a_missing_input_and_its_own_device_flag(synthetic_voc, tmp_path, capsys):
+    from rcnn.detect_cli import main as detect_main
 
     save_roi_detector(tmp_path / "m.pt", _tiny_fast_rcnn(), Params(classes=CLASSES), {})
 
@@ -214,8 +214,8 @@ def test_minor_rcnn_detect_names_a_folder_and_its_own_device_flag(synthetic_voc,
         assert err.value.code == 2 and len(message.strip().splitlines()) == 1, message
         return message
 
-    assert "is a folder: rcnn-detect takes one image file" in one_line([str(synthetic_voc), "--checkpoint",
-                                                                        str(tmp_path / "m.pt")])
+    assert "no such file, folder or matching pattern" in one_line([str(tmp_path / "nope*.jpg"), "--checkpoint",
+                                                                    str(tmp_path / "m.pt")])
     if not torch.cuda.is_available():
         image = sorted((synthetic_voc / "JPEGImages").iterdir())[0]
         message = one_line([str(image), "--checkpoint", str(tmp_path / "m.pt"), "--device", "cuda"])
@@ -239,7 +239,7 @@ def test_minor_every_object_difficult_gives_null_map_and_a_warning_not_nan(tmp_p
     import json
 
     from rcnn.bootstrap import map_intervals
-    from rcnn.detection import warn_if_unscorable
+    from rcnn.detector import warn_if_unscorable
     from rcnn.evaluation import Detections, evaluate_detections, write_metrics
     from rcnn.region_boxes import ImageBoxes
     from rcnn.voc import Annotation

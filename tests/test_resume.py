@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from rcnn import resume, roi_training, train_data, training
+from rcnn import resume, roi_training
+from rcnn.families.rcnn import train_data, training
 from rcnn.detectors import run_regions_stage, run_train_stage
 from rcnn.params import Params, from_dict
 from rcnn.proposals import run_proposals_stage

@@ -24,7 +24,7 @@ def test_dvc_yaml_code_deps_are_the_stages_imports():
 
 def test_a_trainer_change_never_reruns_selective_search_or_evaluation_code_it_does_not_run():
     deps = code_deps(REPO)
-    trainers = {"src/rcnn/training.py", "src/rcnn/roi_training.py", "src/rcnn/families/fast_rcnn/training.py",
+    trainers = {"src/rcnn/families/rcnn/training.py", "src/rcnn/roi_training.py", "src/rcnn/families/fast_rcnn/training.py",
                 "src/rcnn/families/faster_rcnn/training.py"}
     assert trainers <= set(deps["train"])
     for stage in ("download", "proposals", "regions", "features", "evaluate", "render"):
@@ -47,9 +47,17 @@ def test_writing_deps_fixes_a_stale_list_and_keeps_data_deps(tmp_path: Path):
 def test_no_family_module_imports_another_family():
     src = REPO / "src"
     names = sorted(p.name for p in FAMILIES.iterdir() if p.is_dir() and not p.name.startswith("_"))
-    assert {"fast_rcnn", "faster_rcnn"} <= set(names)
+    assert names == ["fast_rcnn", "faster_rcnn", "rcnn"]
     for name in names:
         for path in sorted((FAMILIES / name).rglob("*.py")):
             others = {m for m in _imported(path, src) if m.startswith("rcnn.families.")
                       and m.split(".")[2] != name}
             assert not others, f"{path.relative_to(REPO)} imports {sorted(others)}"
+
+
+def test_shared_modules_import_no_family_module():
+    """Shared code reaches a family only through the factory's names (``rcnn.detectors``), never by import."""
+    src = REPO / "src"
+    for path in sorted((src / "rcnn").glob("*.py")):
+        families = {m for m in _imported(path, src) if m.startswith("rcnn.families")}
+        assert not families, f"{path.relative_to(REPO)} imports {sorted(families)}"

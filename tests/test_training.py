@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import features, regions, training
+from rcnn import regions
+from rcnn.families.rcnn import features, training
 from rcnn.errors import RcnnError
-from rcnn.model import build_model, load_checkpoint, preprocess
+from rcnn.families.rcnn.model import build_model, load_checkpoint, preprocess
 from rcnn.params import ModelParams, Params, TrainParams
 
 CLASSES = ["car", "dog", "person"]

@@ -25,21 +25,23 @@ class Family:
     name: str
     proposals_stage: str
     region_format: str  # "crops" (warped crops in shards) or "boxes" (labelled proposals per image)
-    caches_features: bool  # the features stage computes backbone features once for the train stage
     regions_stage: str
+    features_stage: str  # caches backbone features for the train stage, or writes why it does not
     train_stage: str
     detector: str  # a Detector subclass with from_payload(payload, path, device, **settings)
 
 
 SELECTIVE_SEARCH = "rcnn.proposals:run_proposals_stage"
+NO_FEATURES = "rcnn.feature_cache:run_no_features_stage"
 FAMILIES = {
-    "rcnn": Family("rcnn", SELECTIVE_SEARCH, "crops", True, "rcnn.regions:run_regions_stage",
-                   "rcnn.training:run_train_stage", "rcnn.detection:Detector"),
-    "fast_rcnn": Family("fast_rcnn", SELECTIVE_SEARCH, "boxes", False, "rcnn.regions:run_box_regions_stage",
+    "rcnn": Family("rcnn", SELECTIVE_SEARCH, "crops", "rcnn.regions:run_regions_stage",
+                   "rcnn.families.rcnn.features:run_features_stage", "rcnn.families.rcnn.training:run_train_stage",
+                   "rcnn.families.rcnn.detector:RCNNDetector"),
+    "fast_rcnn": Family("fast_rcnn", SELECTIVE_SEARCH, "boxes", "rcnn.regions:run_box_regions_stage", NO_FEATURES,
                         "rcnn.families.fast_rcnn.training:run_train_stage",
                         "rcnn.families.fast_rcnn.model:FastRCNNDetector"),
-    "faster_rcnn": Family("faster_rcnn", "rcnn.proposals:run_no_proposals_stage", "boxes", False,
-                          "rcnn.regions:run_ground_truth_regions_stage",
+    "faster_rcnn": Family("faster_rcnn", "rcnn.proposals:run_no_proposals_stage", "boxes",
+                          "rcnn.regions:run_ground_truth_regions_stage", NO_FEATURES,
                           "rcnn.families.faster_rcnn.training:run_train_stage",
                           "rcnn.families.faster_rcnn.model:FasterRCNNDetector"),
 }
@@ -67,6 +69,11 @@ def run_proposals_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
 def run_regions_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
     """The regions stage of ``params.model.arch``."""
     return _resolve(family(params.model.arch).regions_stage)(params, *args, **kwargs)
+
+
+def run_features_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
+    """The features stage of ``params.model.arch``: R-CNN's feature cache, or a note that there is none."""
+    return _resolve(family(params.model.arch).features_stage)(params, *args, **kwargs)
 
 
 def run_train_stage(params: Params, *args: Any, **kwargs: Any) -> dict:

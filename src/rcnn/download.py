@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from rcnn import voc
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, write_json
+from rcnn.formats.convert import convert_to_voc, resolve_format
 from rcnn.params import DataParams
 
 # Official VOC2007 archives and their MD5s (the same values torchvision's VOCDetection checks).
@@ -287,6 +289,30 @@ def _as_given(source: Path, root: Path) -> str:
         return str(root)
 
 
+def _announced(data: DataParams, fmt: str) -> str:
+    """Say which layout ``data.format: auto`` recognised (on stderr, beside the progress bars)."""
+    if data.format == "auto":
+        print(f"data.format: auto -> {fmt} ({data.source})", file=sys.stderr)
+    return fmt
+
+
+def _convert(fmt: str, root: Path, data: DataParams, out_dir: Path, note: dict) -> dict[str, int]:
+    """A COCO or YOLO source written as VOC in a staging folder, then the chosen splits moved into
+    ``out_dir`` in one step; ``source.json`` records the format, its class names and what was skipped."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-convert.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        info = convert_to_voc(fmt, root, staging / "VOC2007", data.on_bad_annotation)
+        if info["skipped_objects"]:
+            warnings.warn(f"{info['skipped_objects']} objects of the {fmt} source were skipped "
+                          f"(data.on_bad_annotation: skip)", RuntimeWarning, stacklevel=2)
+        with atomic_dir(out_dir) as tmp:
+            write_json(tmp / voc.SOURCE_FILE, {**note, **info})
+            return _build_subset(staging / "VOC2007", tmp / "VOC2007", data.splits, data.max_images, os.replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) -> dict[str, int]:
     """Fill ``out_dir/VOC2007`` from ``data.source`` and return the number of images per split.
 
@@ -299,11 +325,15 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
         archives = [download_archive(name, data.mirrors, cache_dir, data.retries, data.timeout)
                     for name in archives_for_splits(data.splits)]
     elif source.is_dir():
-        root = voc.find_voc_root(source)
+        fmt = _announced(data, resolve_format(data.format, source))
+        root = voc.find_voc_root(source) if fmt == "voc" else source
         if out_dir.resolve() in (root.resolve(), *root.resolve().parents):
             raise RcnnError(f"data.source = {data.source!r} is inside the output {out_dir}: point it at a copy")
+        note = {"kind": "folder", "root": _as_given(source, root)}
+        if fmt != "voc":
+            return _convert(fmt, source, data, out_dir, note)
         with atomic_dir(out_dir) as tmp:
-            write_json(tmp / voc.SOURCE_FILE, {"kind": "folder", "root": _as_given(source, root)})
+            write_json(tmp / voc.SOURCE_FILE, note)
             return _build_subset(root, tmp / "VOC2007", data.splits, data.max_images, shutil.copyfile)
     elif source.is_file() and source.name.lower().endswith(ARCHIVE_SUFFIXES):
         archives = [source]
@@ -317,6 +347,9 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
     try:
         for archive in archives:
             safe_extract(archive, staging)
+        fmt = "voc" if data.source == "download" else _announced(data, resolve_format(data.format, staging))
+        if fmt != "voc":
+            return _convert(fmt, staging, data, out_dir, {"kind": "archive", "source": str(source)})
         with atomic_dir(out_dir) as tmp:
             if data.source != "download":
                 write_json(tmp / voc.SOURCE_FILE, {"kind": "archive", "source": str(source)})

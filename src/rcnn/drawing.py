@@ -122,6 +122,12 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     write_bytes(path, data.tobytes())
 
 
+def picture_name(image_id: str) -> str:
+    """``<id>-predictions.jpg``: never all digits, which DVC's image plots would take for a step number (and
+    then fail to sort beside ``grid.jpg``: dvc-render 1.0.2)."""
+    return f"{image_id}-predictions.jpg"
+
+
 def run_render_stage(params: Params, voc_dir: str | Path = "data/voc",
                      detections_dir: str | Path = "data/detections",
                      out_dir: str | Path = "data/render") -> list[Path]:
@@ -150,9 +156,9 @@ def run_render_stage(params: Params, voc_dir: str | Path = "data/voc",
                 gt_boxes, gt_labels = ann.boxes, ann.labels
             drawn = draw_detections(image, found.detections[image_id], found.classes, p.score_threshold,
                                     gt_boxes, gt_labels)
-            write_image(tmp / f"{image_id}.jpg", drawn)
+            write_image(tmp / picture_name(image_id), drawn)
             rendered.append(drawn)
-            written.append(Path(out_dir) / f"{image_id}.jpg")
+            written.append(Path(out_dir) / picture_name(image_id))
         if not rendered:
             raise RcnnError(f"none of the {len(ids)} evaluated images in {root / 'JPEGImages'} is readable")
         write_image(tmp / "grid.jpg", make_grid(rendered, p.grid_columns))

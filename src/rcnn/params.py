@@ -49,6 +49,7 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 @dataclass(frozen=True)
 class DataParams:
     source: str = "download"
+    format: Literal["auto", "voc", "coco", "yolo"] = "auto"
     mirrors: list[str] = field(default_factory=lambda: list(VOC_MIRRORS))
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     max_images: Optional[int] = field(default=None, metadata=_range(1))

@@ -15,7 +15,7 @@ Two choices differ from torchvision's Faster R-CNN defaults, both measured on a 
 a 1x1 convolution reduces the map to ``model.roi_channels`` channels *before* pooling, and the
 head is ``model.hidden`` wide (512, not 1024): pooling 2,000 RoIs from the 1280-channel
 MobileNetV2 map into a 1024-wide head took 2.3 s per image, 0.16 s with 128 channels and 512.
-Detection uses the project's post-processing (:func:`rcnn.detection.postprocess_detections`,
+Detection uses the project's post-processing (:func:`rcnn.detector.postprocess_detections`,
 VOC ``+1`` NMS, deterministic ties) rather than ``RoIHeads.postprocess_detections``, so every
 detector family is scored by exactly the same rules. Boxes are decoded in float32 whatever the
 autocast dtype.
@@ -42,7 +42,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
 from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
-from rcnn.detection import Detector, postprocess_detections
+from rcnn.detector import Detector, postprocess_detections
 from rcnn.errors import RcnnError
 from rcnn.evaluation import Detections
 from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from rcnn import voc
 from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
-from rcnn.detection import labelled_split_ap, postprocess_settings, warn_if_unscorable
+from rcnn.detector import labelled_split_ap, postprocess_settings, warn_if_unscorable
 from rcnn.fileio import write_json
 from rcnn.device import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler

@@ -23,7 +23,7 @@ import yaml
 from rcnn.detectors import FAMILIES
 
 # The Family fields whose functions each stage script calls through rcnn.detectors.
-STAGE_FAMILY_FIELDS = {"proposals": ("proposals_stage",), "regions": ("regions_stage",),
+STAGE_FAMILY_FIELDS = {"proposals": ("proposals_stage",), "regions": ("regions_stage",), "features": ("features_stage",),
                        "train": ("train_stage",), "evaluate": ("detector",)}
 
 

@@ -10,13 +10,13 @@ Usage: ``python -m rcnn.synthetic DIR [--images N] [--seed S]``
 from __future__ import annotations
 
 import argparse
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
+from rcnn import voc
 from rcnn.errors import RcnnError, run_cli
 from rcnn.fileio import atomic_path, write_bytes
 
@@ -102,28 +102,6 @@ def _place_boxes(rng: np.random.Generator, count: int, width: int, height: int) 
     return boxes
 
 
-def _annotation_xml(image_id: str, width: int, height: int, objects: list[dict]) -> bytes:
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "VOC2007"
-    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
-    ET.SubElement(ET.SubElement(root, "source"), "database").text = "rcnn synthetic"
-    size = ET.SubElement(root, "size")
-    for tag, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, tag).text = str(value)
-    ET.SubElement(root, "segmented").text = "0"
-    for obj in objects:
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = obj["name"]
-        ET.SubElement(node, "pose").text = "Unspecified"
-        ET.SubElement(node, "truncated").text = str(int(obj["truncated"]))
-        ET.SubElement(node, "difficult").text = str(int(obj["difficult"]))
-        bndbox = ET.SubElement(node, "bndbox")
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj["box"]):
-            ET.SubElement(bndbox, tag).text = str(value + 1)  # VOC stores 1-based corners
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8") + b"\n"
-
-
 def _render_image(rng: np.random.Generator, classes: Sequence[str], width: int,
                   height: int) -> tuple[np.ndarray, list[dict]]:
     canvas = _background(rng, width, height)
@@ -164,7 +142,8 @@ def generate(out_dir: str | Path, images: int = 50, seed: int = 0, classes: Sequ
         if not ok:
             raise RcnnError(f"could not encode synthetic image {image_id}")
         write_bytes(out / "JPEGImages" / f"{image_id}.jpg", jpeg.tobytes())
-        write_bytes(out / "Annotations" / f"{image_id}.xml", _annotation_xml(image_id, width, height, objects))
+        write_bytes(out / "Annotations" / f"{image_id}.xml", voc.annotation_xml(image_id, width, height, [
+            {**obj, "box": [v + 1 for v in obj["box"]]} for obj in objects], "rcnn synthetic"))
     order = rng.permutation(images)
     n_train, n_val = images // 2, images // 4
     splits = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}

@@ -64,6 +64,10 @@ def _flag(node: ET.Element, tag: str, path: Path) -> bool:
     return _number(node, tag, path) != 0
 
 
+class UnknownClassError(AnnotationError):
+    """An object of a class that ``classes`` does not list."""
+
+
 SOURCE_FILE = "source.json"  # the download stage's note, next to its VOC2007 copy, of where the data came from
 
 
@@ -80,12 +84,27 @@ def shown(path: str | Path) -> str:
             relative = path.relative_to(parent / "VOC2007")
         except (ValueError, OSError):
             break
+        if info.get("format"):  # converted from COCO or YOLO: no file of that name in the source
+            return f"{path} (converted from the {info['format']} source {info.get('root') or info.get('source')})"
         if info.get("kind") == "folder":
             return f"{path} (copied from {Path(info['root']) / relative})"
         if info.get("kind") == "archive":
             return f"{path} (extracted from {info['source']})"
         break
     return str(path)
+
+
+def source_names(path: str | Path) -> list[str] | None:
+    """The class names of the COCO or YOLO source the download stage converted ``path``'s folder from."""
+    for parent in Path(path).parents:
+        note = parent / SOURCE_FILE
+        if note.is_file():
+            try:
+                names = json.loads(note.read_text(encoding="utf-8")).get("names")
+            except (ValueError, OSError):
+                return None
+            return list(names) if isinstance(names, list) else None
+    return None
 
 
 def parse_annotation(path: str | Path, classes: Sequence[str],
@@ -99,6 +118,10 @@ def parse_annotation(path: str | Path, classes: Sequence[str],
     """
     try:
         return _parse_annotation(Path(path), classes, on_bad, image_size)
+    except UnknownClassError as err:
+        names = source_names(path)
+        hint = f"; the source's classes are {names}" if names else ""
+        raise AnnotationError(str(err).replace(str(path), shown(path), 1) + hint) from None
     except AnnotationError as err:
         raise AnnotationError(str(err).replace(str(path), shown(path), 1)) from None
 
@@ -125,7 +148,7 @@ def _parse_annotation(path: Path, classes: Sequence[str], on_bad: Literal["error
         try:
             name = _text(obj, "name", path)
             if name not in class_index:
-                raise AnnotationError(f"{path}: object class {name!r} is not in classes {list(classes)}")
+                raise UnknownClassError(f"{path}: object class {name!r} is not in classes {list(classes)}")
             bndbox = obj.find("bndbox")
             if bndbox is None:
                 raise AnnotationError(f"{path}: object {name!r} has no <bndbox>")
@@ -159,6 +182,36 @@ def read_split(root: str | Path, split: str) -> list[str]:
         raise RcnnError(f"split {split!r} not found: {path} does not exist")
     ids = {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
     return sorted(ids)
+
+
+def _coordinate(value: float) -> str:
+    """A box corner as VOC files write it: an integer where it is one, else two decimals."""
+    value = round(float(value), 2)
+    return str(int(value)) if value == int(value) else f"{value:.2f}"
+
+
+def annotation_xml(image_id: str, width: int, height: int, objects: Sequence[dict], database: str) -> bytes:
+    """A VOC XML annotation; each object a dict of ``name``, ``box`` (1-based VOC corners xmin, ymin, xmax,
+    ymax), ``difficult`` and ``truncated``."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "VOC2007"
+    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
+    ET.SubElement(ET.SubElement(root, "source"), "database").text = database
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for obj in objects:
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = obj["name"]
+        ET.SubElement(node, "pose").text = "Unspecified"
+        ET.SubElement(node, "truncated").text = str(int(obj.get("truncated", False)))
+        ET.SubElement(node, "difficult").text = str(int(obj.get("difficult", False)))
+        bndbox = ET.SubElement(node, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj["box"]):
+            ET.SubElement(bndbox, tag).text = _coordinate(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
 def image_path(root: str | Path, image_id: str) -> Path:

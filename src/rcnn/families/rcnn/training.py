@@ -3,10 +3,10 @@
 Frozen backbone (``model.trainable_layers = 0``): only the head is trained, on the features the
 features stage cached, so an epoch over tens of thousands of regions takes seconds. Otherwise the
 last ``trainable_layers`` backbone units are fine-tuned end to end on crops warped on the fly
-from proposals drawn afresh every epoch (:mod:`rcnn.finetune`), frozen units' BatchNorm kept in
+from proposals drawn afresh every epoch (:mod:`rcnn.families.rcnn.finetune`), frozen units' BatchNorm kept in
 eval mode, bfloat16 autocast where the hardware has it. Then the final classifier: the softmax
-head, or per-class SVMs (:mod:`rcnn.svm`), retrained over ``train.hard_negative_rounds`` rounds of
-hard-negative mining (:mod:`rcnn.hard_negatives`); then box regression on the final features.
+head, or per-class SVMs (:mod:`rcnn.families.rcnn.svm`), retrained over ``train.hard_negative_rounds`` rounds of
+hard-negative mining (:mod:`rcnn.families.rcnn.hard_negatives`); then box regression on the final features.
 
 Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
 loss with the best state kept; seeded model init, sampling, dropout and flips, so the same
@@ -31,22 +31,22 @@ from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
-from rcnn import features as features_mod
+from rcnn.families.rcnn import features as features_mod
 from rcnn import regions, voc
-from rcnn.bbox_regression import fit_box_regressor
+from rcnn.families.rcnn.bbox_regression import fit_box_regressor
 from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
-from rcnn.finetune import ProposalSampler
-from rcnn.hard_negatives import already_sampled, hard_score, mine_hard_negatives, negative_pool, pool_scores
+from rcnn.families.rcnn.finetune import ProposalSampler
+from rcnn.families.rcnn.hard_negatives import already_sampled, hard_score, mine_hard_negatives, negative_pool, pool_scores
 from rcnn.device import select_device
-from rcnn.model import RegionClassifier, build_model, save_checkpoint
+from rcnn.families.rcnn.model import RegionClassifier, build_model, save_checkpoint
 from rcnn.optim import build_optimizer, build_scheduler
 from rcnn.params import Params, to_dict
 from rcnn.region_boxes import ImageBoxes
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
-from rcnn.svm import fit_svms, svm_margins
-from rcnn.train_data import TrainData, cached_feature_data, finetune_data, labelled_boxes
+from rcnn.families.rcnn.svm import fit_svms, svm_margins
+from rcnn.families.rcnn.train_data import TrainData, cached_feature_data, finetune_data, labelled_boxes
 
 METRIC_NAMES = ("loss", "accuracy", "fg_accuracy")
 

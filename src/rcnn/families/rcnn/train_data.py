@@ -1,4 +1,4 @@
-"""What R-CNN's :func:`rcnn.training.fit` trains on: batches of cached features (a frozen backbone) or
+"""What R-CNN's :func:`rcnn.families.rcnn.training.fit` trains on: batches of cached features (a frozen backbone) or
 of crops warped from proposals drawn afresh each epoch (fine-tuning), with the validation each uses."""
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from rcnn import features as features_mod
+from rcnn.families.rcnn import features as features_mod
 from rcnn import regions, voc
-from rcnn.bbox_regression import fit_box_regressor
-from rcnn.detection import Detector, labelled_split_ap, postprocess_settings, warn_if_unscorable
+from rcnn.families.rcnn.bbox_regression import fit_box_regressor
+from rcnn.detector import labelled_split_ap, postprocess_settings, warn_if_unscorable
+from rcnn.families.rcnn.detector import RCNNDetector
 from rcnn.errors import RcnnError
-from rcnn.finetune import ProposalSampler
+from rcnn.families.rcnn.finetune import ProposalSampler
 from rcnn.device import inference_autocast
-from rcnn.model import RegionClassifier, preprocess
+from rcnn.families.rcnn.model import RegionClassifier, preprocess
 from rcnn.params import Params
 from rcnn.region_boxes import ImageBoxes, load_boxes
 
@@ -94,7 +95,7 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
 
     def val_ap(model: RegionClassifier) -> dict[str, float]:
         regressor = box_regressor(model, regions_dir, params, device) if params.model.bbox_regression else None
-        detector = Detector(model, {**meta, "bbox_regressor": regressor}, device, batch_size=batch,
+        detector = RCNNDetector(model, {**meta, "bbox_regressor": regressor}, device, batch_size=batch,
                             **postprocess_settings(params))
         return labelled_split_ap(detector, val_paths, val_items, params.evaluate.max_proposals)
 

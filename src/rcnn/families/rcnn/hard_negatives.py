@@ -6,7 +6,7 @@ with every object), adds each image's ``regions.max_boxes`` highest-scoring ones
 training set (neither mined before nor in the regions stage's sample) that it gets wrong or nearly
 wrong (:func:`hard_score`), and is retrained. The pool's features are computed once (one backbone pass over
 all those crops, kept as float16 in a memory-mapped scratch file so memory stays bounded) and
-reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.svm`.
+reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.families.rcnn.svm`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.crops import warp_crops
-from rcnn.features import crop_features
-from rcnn.model import RegionClassifier
+from rcnn.families.rcnn.features import crop_features
+from rcnn.families.rcnn.model import RegionClassifier
 from rcnn.region_boxes import ImageBoxes
 
 SCORE_CHUNK = 8192  # pool rows scored at a time

@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from rcnn import regions
-from rcnn.detectors import family
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir, load_npz, read_json, write_json
+from rcnn.feature_cache import write_feature_cache
+from rcnn.fileio import load_npz, read_json
 from rcnn.device import inference_autocast, inference_dtype, select_device, use_channels_last
-from rcnn.model import RegionClassifier, build_model, preprocess
+from rcnn.families.rcnn.model import RegionClassifier, build_model, preprocess
 from rcnn.params import Params
 
 # Per-region arrays carried over from the region shards, in region order.
@@ -75,14 +75,10 @@ def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
     m = params.model
     info: dict[str, Any] = {"backbone": m.backbone, "weights": m.weights, "trainable_layers": m.trainable_layers,
                             "seed": params.seed}
-    if not family(m.arch).caches_features:
-        info.update(arch=m.arch, cached=False, reason=f"model.arch = {m.arch}: the detector computes its features "
-                    "from whole images while it trains, so there is nothing to cache")
-        return _finish(out_dir, {}, info, {}, metrics_path)
     if m.trainable_layers > 0:
         info.update(cached=False, reason=f"model.trainable_layers = {m.trainable_layers}: the backbone is "
                     "fine-tuned, so its features change during training and the train stage reads crops instead")
-        return _finish(out_dir, {}, info, {}, metrics_path)
+        return write_feature_cache(out_dir, {}, info, {}, metrics_path)
     index = regions.read_index(regions_dir)
     device = select_device(params.train.device)
     model = build_model(params).to(device).eval()
@@ -99,20 +95,7 @@ def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
                 batch_size=params.train.feature_batch_size)
     timing = {"seconds": round(seconds, 2), "threads": torch.get_num_threads(),
               "regions_per_second": round(total / seconds, 1) if seconds > 0 else None}
-    return _finish(out_dir, arrays, info, timing, metrics_path)
-
-
-def _finish(out_dir: Path, arrays: dict[str, dict[str, np.ndarray]], info: dict[str, Any], timing: dict[str, Any],
-            metrics_path: str | Path | None) -> dict[str, Any]:
-    """Swap in the new feature folder in one step (a crash never leaves a half-written cache), then write
-    the timing apart from it, so the folder DVC hashes is identical for identical inputs."""
-    with atomic_dir(out_dir) as tmp:
-        for split, data in arrays.items():
-            np.savez(tmp / f"{split}.npz", **data)
-        write_json(tmp / "info.json", info)
-    if metrics_path is not None:
-        write_json(metrics_path, {"cached": info["cached"], **timing})
-    return {**info, **timing}
+    return write_feature_cache(out_dir, arrays, info, timing, metrics_path)
 
 
 def read_info(features_dir: str | Path) -> dict[str, Any]:

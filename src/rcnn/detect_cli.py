@@ -1,0 +1,227 @@
+"""``rcnn-detect``: detection with a trained checkpoint of any family on images, folders, glob patterns and
+videos, printing ``label score x1 y1 x2 y2`` (1-based VOC corners) per detection.
+
+One image prints as before; several inputs prefix each line with the file and the frame (``-`` for an
+image). ``--out DIR`` writes the drawn images (and, for a video, an annotated video of the frames it
+scored), ``--json FILE`` every detection in one file. An input that cannot be read is skipped with a
+warning and counted; a path that does not exist at all is a typo and stops before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from rcnn import voc
+from rcnn.detection import detect_image
+from rcnn.detector import Detector
+from rcnn.detectors import load_detector
+from rcnn.drawing import draw_detections, write_image
+from rcnn.errors import RcnnError, run_cli
+from rcnn.evaluation import Detections
+from rcnn.fileio import write_json
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rcnn-detect", description="Detect objects with a trained checkpoint in "
+                                     "images, folders, glob patterns or videos; prints 'label score x1 y1 x2 y2' "
+                                     "(1-based VOC corners), prefixed by file and frame for several inputs.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO")
+    parser.add_argument("--checkpoint", type=Path, default=Path("data/model/model.pt"))
+    parser.add_argument("--out", type=Path, help="folder for the drawn images and videos (for one image, also "
+                        "an image file name such as out.jpg)")
+    parser.add_argument("--json", type=Path, help="write every detection (file, frame, label, score, box) here")
+    parser.add_argument("--every", type=int, default=1, help="score every N-th frame of a video (default 1)")
+    parser.add_argument("--score", type=float, default=0.5, help="minimum score to report (default 0.5)")
+    parser.add_argument("--nms", type=float, default=0.3, help="class-wise NMS IoU (default 0.3)")
+    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument("--max-proposals", type=int, default=300)
+    parser.add_argument("--mode", choices=("fast", "quality"), default="fast", help="selective search mode")
+    parser.add_argument("--max-side", type=int, default=500, help="selective search image size (longer side)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    return parser.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or args.max_proposals < 1 or args.max_detections < 1:
+        raise RcnnError("--score must be in [0, 1), --nms in (0, 1], --max-proposals and --max-detections >= 1")
+    if args.max_side < 32:
+        raise RcnnError(f"--max-side {args.max_side} is invalid: selective search needs at least 32 pixels "
+                        f"(default 500)")
+    if args.every < 1:
+        raise RcnnError(f"--every {args.every} is invalid: score every N-th frame with N >= 1")
+    if args.json is not None and args.json.is_dir():
+        raise RcnnError(f"--json {args.json} is a folder: name the file to write, e.g. {args.json / 'detections.json'}")
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files named, folders' images and videos (sorted, recursively) and glob matches, in order, each once.
+    A name that is neither an existing path nor a pattern matching something is one error."""
+    found: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file()
+                            and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(text) and (matches := sorted(glob.glob(text, recursive=True))):
+            found += [Path(m) for m in matches if Path(m).is_file()]
+        else:
+            raise RcnnError(f"{text}: no such file, folder or matching pattern")
+    return list(dict.fromkeys(found))
+
+
+@dataclass
+class Report:
+    """Every detection for ``--json`` and the inputs skipped, with the count of scored images and frames."""
+
+    detections: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    images: int = 0
+    frames: int = 0
+
+    def skip(self, path: Path, reason: str) -> None:
+        warnings.warn(f"skipping {path}: {reason}", RuntimeWarning, stacklevel=2)
+        self.skipped.append({"file": str(path), "reason": reason})
+
+
+def _frames(path: Path, every: int) -> Iterator[tuple[int, np.ndarray, float]]:
+    """``(frame index, BGR frame, frames per second)`` of every ``every``-th frame; nothing if unreadable."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+        index = 0
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            if index % every == 0:
+                yield index, frame, fps
+            index += 1
+    finally:
+        capture.release()
+
+
+class _Outputs:
+    """Names under ``--out`` (one per input, never two alike) and the annotated videos being written."""
+
+    def __init__(self, out: Path | None, single_file: bool) -> None:
+        self.out, self.single_file, self.used = out, single_file, set()
+        if out is not None and not single_file:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def name(self, path: Path, suffix: str) -> Path:
+        if self.single_file:
+            return self.out
+        stem, number = path.stem, 1
+        while (candidate := f"{stem}{suffix}" if number == 1 else f"{stem}-{number}{suffix}") in self.used:
+            number += 1
+        self.used.add(candidate)
+        return self.out / candidate
+
+
+def _record(report: Report, path: Path, frame: int | None, found: Detections, classes: Sequence[str],
+            prefix: bool) -> None:
+    for box, score, label in zip(found.boxes + 1.0, found.scores, found.labels):
+        corners = [round(float(v), 1) for v in box]
+        report.detections.append({"file": str(path), "frame": frame, "label": classes[label - 1],
+                                  "score": round(float(score), 4), "box": corners})
+        head = f"{path} {'-' if frame is None else frame} " if prefix else ""
+        print(f"{head}{classes[label - 1]} {score:.4f} " + " ".join(f"{v:.1f}" for v in corners))
+
+
+def _detect_video(path: Path, detector: Detector, args: argparse.Namespace, outputs: _Outputs, report: Report,
+                  prefix: bool) -> None:
+    writer, scored = None, 0
+    target = outputs.name(path, ".mp4") if args.out is not None else None
+    tmp = None if target is None else target.with_name(f".{target.stem}.tmp.mp4")  # whole videos only
+    try:
+        for index, frame, fps in tqdm(_frames(path, args.every), desc=path.name, unit="frame", leave=False):
+            found = detect_image(frame, detector, args.mode, args.max_proposals, args.max_side)
+            _record(report, path, index, found, detector.classes, prefix)
+            scored += 1
+            if tmp is not None:
+                if writer is None:
+                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps / args.every,
+                                             (frame.shape[1], frame.shape[0]))
+                writer.write(draw_detections(frame, found, detector.classes, args.score))
+    except BaseException:
+        if writer is not None:
+            writer.release()
+            tmp.unlink(missing_ok=True)
+        raise
+    if writer is not None:
+        writer.release()
+        tmp.replace(target)
+    if scored == 0:
+        report.skip(path, "not a readable video (no frame decoded)")
+    report.frames += scored
+
+
+def detect_inputs(paths: Sequence[Path], detector: Detector, args: argparse.Namespace) -> Report:
+    """Detect on every image and video of ``paths``; unreadable ones are skipped and reported."""
+    report = Report()
+    single = len(paths) == 1 and paths[0].suffix.lower() not in VIDEO_SUFFIXES
+    single_file = single and args.out is not None and args.out.suffix.lower() in IMAGE_SUFFIXES
+    if args.out is not None and args.out.exists() and not args.out.is_dir() and not single_file:
+        raise RcnnError(f"--out {args.out} is a file: name a folder for the drawn images and videos")
+    outputs = _Outputs(args.out, single_file)
+    for path in tqdm(paths, desc="detect", unit="input", disable=single):
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            _detect_video(path, detector, args, outputs, report, not single)
+            continue
+        try:
+            image = voc.read_image(path)
+        except RcnnError as err:
+            if single:
+                raise
+            report.skip(path, str(err).removeprefix(f"{path}: "))
+            continue
+        found = detect_image(image, detector, args.mode, args.max_proposals, args.max_side)
+        _record(report, path, None, found, detector.classes, not single)
+        report.images += 1
+        if args.out is not None:
+            write_image(outputs.name(path, ".jpg"), draw_detections(image, found, detector.classes, args.score))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``rcnn-detect`` entry point; user errors print one line and exit with code 2."""
+    def run() -> None:
+        args = _parse_args(argv)
+        _check_args(args)
+        paths = expand_inputs(args.inputs)
+        if not paths:
+            raise RcnnError(f"no image or video in {' '.join(args.inputs)}")
+        try:
+            detector = load_detector(args.checkpoint, args.device, score_threshold=args.score, nms_iou=args.nms,
+                                     max_detections=args.max_detections)
+        except RcnnError as err:  # the device check speaks of params.yaml's key; here it came from --device
+            raise RcnnError(str(err).replace("train.device", "--device")) from None
+        report = detect_inputs(paths, detector, args)
+        if args.json is not None:
+            write_json(args.json, {"checkpoint": str(args.checkpoint), "classes": detector.classes,
+                                   "images": report.images, "frames": report.frames, "skipped": report.skipped,
+                                   "detections": report.detections})
+        if len(paths) > 1 or report.frames:
+            print(f"{report.images} images, {report.frames} video frames, {len(report.skipped)} skipped, "
+                  f"{len(report.detections)} detections", file=sys.stderr)
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

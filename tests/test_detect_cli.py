@@ -1,0 +1,87 @@
+"""rcnn-detect on many inputs: a folder of images and a video give drawn outputs and one JSON file with every
+detection; a corrupt file among them is skipped and counted, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from rcnn import voc
+from rcnn.detect_cli import main
+from rcnn.families.fast_rcnn.model import build_fast_rcnn
+from rcnn.params import from_dict
+from rcnn.roi_detector import save_roi_detector
+
+CLASSES = ["car", "dog", "person"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained Fast R-CNN (resnet18, random weights): detection plumbing only, scores near uniform."""
+    params = from_dict({"classes": CLASSES, "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none",
+                                                      "image_size": 128, "max_size": 192, "roi_channels": 32,
+                                                      "hidden": 64}})
+    path = tmp_path_factory.mktemp("detect-cli") / "model.pt"
+    save_roi_detector(path, build_fast_rcnn(params, 0.5, 0.5), params, {})
+    return path
+
+
+def _video(path: Path, frames: int) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def test_a_folder_and_a_video_give_drawn_outputs_and_one_json(checkpoint, synthetic_voc, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image in sorted((synthetic_voc / "JPEGImages").glob("*.jpg"))[:10]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    video = _video(tmp_path / "clip.mp4", 50)
+    out, report = tmp_path / "out", tmp_path / "detections.json"
+    with pytest.warns(RuntimeWarning, match="skipping .*broken.jpg"):
+        main([str(folder), str(video), "--checkpoint", str(checkpoint), "--score", "0.0", "--every", "5",
+              "--out", str(out), "--json", str(report), "--device", "cpu"])
+    data = json.loads(report.read_text())
+    assert data["images"] == 10 and data["frames"] == 10 and data["classes"] == CLASSES
+    assert [s["file"] for s in data["skipped"]] == [str(folder / "broken.jpg")]
+    assert data["detections"] and {"file", "frame", "label", "score", "box"} == set(data["detections"][0])
+    assert {d["frame"] for d in data["detections"] if d["file"] == str(video)} <= set(range(0, 50, 5))
+    assert all(d["frame"] is None for d in data["detections"] if d["file"] != str(video))
+    drawn = sorted(p.name for p in out.iterdir())
+    assert drawn == sorted([p.name for p in folder.glob("0*.jpg")] + ["clip.mp4"])
+    capture = cv2.VideoCapture(str(out / "clip.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 10
+    capture.release()
+    lines = capsys.readouterr()
+    assert len(lines.out.splitlines()) == len(data["detections"])
+    assert "10 images, 10 video frames, 1 skipped" in lines.err and "Traceback" not in lines.err
+
+
+def test_a_glob_pattern_and_an_unreadable_video_are_handled(checkpoint, synthetic_voc, tmp_path, capsys):
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    pattern = str(synthetic_voc / "JPEGImages" / "00000[12].jpg")
+    with pytest.warns(RuntimeWarning, match="junk.mp4: not a readable video"):
+        main([pattern, str(tmp_path / "junk.mp4"), "--checkpoint", str(checkpoint), "--score", "0.0",
+              "--json", str(tmp_path / "d.json"), "--device", "cpu"])
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["images"] == 2 and data["frames"] == 0 and len(data["skipped"]) == 1
+    first = capsys.readouterr().out.splitlines()[0].split()
+    assert first[0].endswith("000001.jpg") and first[1] == "-" and first[2] in CLASSES
+
+
+def test_bad_every_and_a_json_folder_are_one_line_errors(checkpoint, synthetic_voc, tmp_path, capsys):
+    image = str(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "val")[0]))
+    for extra, message in ((["--every", "0"], "--every 0 is invalid"), (["--json", str(tmp_path)], "is a folder")):
+        with pytest.raises(SystemExit) as err:
+            main([image, "--checkpoint", str(checkpoint), *extra])
+        text = capsys.readouterr().err
+        assert err.value.code == 2 and message in text and len(text.strip().splitlines()) == 1
