@@ -25,19 +25,10 @@ import yaml
 from rcnn.errors import run_cli
 from rcnn.fileio import write_json
 from rcnn.formats import coco, yolo
-from rcnn.synthetic import DEFAULT_CLASSES, generate
+from rcnn.synthetic import DEFAULT_CLASSES, QUICK_PARAMS, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ["train", "val", "test"]
-PARAMS = {  # small: the point is equality, not accuracy
-    "data": {"max_images": None, "format": "auto"},
-    "proposals": {"max_proposals": 150, "max_side": 192, "n_jobs": 1},
-    "regions": {"fg_iou": 0.5, "bg_iou": 0.3, "max_boxes": 24, "crop_size": 64, "add_ground_truth": True},
-    "model": {"backbone": "resnet18", "weights": "none", "hidden": 64},
-    "train": {"lr": 0.001, "epochs": 4, "patience": 2, "device": "cpu"},
-    "evaluate": {"split": "test", "max_proposals": 60},
-    "render": {"num_images": 2},
-}
 
 
 def _project(work: Path, source: Path) -> Path:
@@ -49,10 +40,12 @@ def _project(work: Path, source: Path) -> Path:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, root / rel)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in PARAMS.items():
-        params.setdefault(section, {}).update(values)
-    params["classes"] = list(DEFAULT_CLASSES)
-    params["data"]["source"] = str(source)
+    for section, values in QUICK_PARAMS.items():
+        if isinstance(values, dict):
+            params.setdefault(section, {}).update(values)
+        else:
+            params[section] = values
+    params["data"].update(source=str(source), format="auto")  # the point: the layout is recognised
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=b@example.com", "-c", "user.name=bench", "commit", "-qm", "start"]):

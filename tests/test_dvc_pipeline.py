@@ -20,22 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rcnn.synthetic import generate
+from rcnn.synthetic import QUICK_PARAMS, generate
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ["download", "proposals", "regions", "features", "train", "evaluate", "render"]
-
-TINY_PARAMS = {
-    "classes": ["car", "dog", "person"],
-    "data": {"max_images": None},
-    "proposals": {"max_proposals": 150, "max_side": 192, "n_jobs": 2},
-    "regions": {"fg_iou": 0.5, "bg_iou": 0.3, "max_boxes": 24, "crop_size": 64, "add_ground_truth": True},
-    "model": {"backbone": "resnet18", "weights": "none", "hidden": 64},
-    "train": {"lr": 0.001, "epochs": 4, "patience": 2, "device": "cpu"},
-    "evaluate": {"split": "test", "max_proposals": 60},
-    "render": {"num_images": 2},
-}
 
 
 def _env() -> dict[str, str]:
@@ -77,7 +66,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy2(REPO / rel, root / rel)
     dataset = generate(tmp_path_factory.mktemp("dataset") / "synthetic", images=16, seed=0)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    _deep_update(params, TINY_PARAMS)
+    _deep_update(params, QUICK_PARAMS)
     params["data"]["source"] = str(dataset)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],

@@ -119,6 +119,20 @@ def _render_image(rng: np.random.Generator, classes: Sequence[str], width: int,
     return canvas, objects
 
 
+# params.yaml overrides for a run of seconds per stage on the synthetic set (its classes), for checks of the
+# plumbing rather than of accuracy: the DVC tests and bench/formats.py use them.
+QUICK_PARAMS = {
+    "classes": list(DEFAULT_CLASSES),
+    "data": {"max_images": None},
+    "proposals": {"max_proposals": 150, "max_side": 192, "n_jobs": 2},
+    "regions": {"fg_iou": 0.5, "bg_iou": 0.3, "max_boxes": 24, "crop_size": 64, "add_ground_truth": True},
+    "model": {"backbone": "resnet18", "weights": "none", "hidden": 64},
+    "train": {"lr": 0.001, "epochs": 4, "patience": 2, "device": "cpu"},
+    "evaluate": {"split": "test", "max_proposals": 60},
+    "render": {"num_images": 2},
+}
+
+
 def generate(out_dir: str | Path, images: int = 50, seed: int = 0, classes: Sequence[str] = DEFAULT_CLASSES,
              width: int = 256, height: int = 192) -> Path:
     """Write ``images`` synthetic images in VOC layout under ``out_dir``; returns ``out_dir``.
