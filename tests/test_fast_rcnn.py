@@ -11,12 +11,11 @@ import torch
 
 from rcnn import roi_training, voc
 from rcnn.detection import run_evaluate_stage
-from rcnn.detectors import family, load_detector, run_regions_stage, run_train_stage
+from rcnn.detectors import family, load_detector, run_features_stage, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
 from rcnn.roi_detector import RoIAlignPool, save_roi_detector
 from rcnn.roi_training import Example, _load, steps_per_epoch
-from rcnn.families.rcnn.features import run_features_stage
 from rcnn.params import Params, TrainParams, from_dict
 from rcnn.proposals import run_proposals_stage
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes

@@ -61,7 +61,7 @@ def test_1_a_zero_byte_image_is_skipped_by_render_not_fatal(synthetic_voc, tmp_p
     params = replace(params, render=replace(params.render, num_images=2))
     with pytest.warns(RuntimeWarning, match=f"skipping image {ids[0]}"):
         written = run_render_stage(params, tmp_path / "voc", tmp_path / "det", tmp_path / "render")
-    assert [p.name for p in written] == [f"{ids[1]}.jpg", f"{ids[2]}.jpg", "grid.jpg"]
+    assert [p.name for p in written] == [f"{ids[1]}-predictions.jpg", f"{ids[2]}-predictions.jpg", "grid.jpg"]
 
 
 # 2 ------------------------------------------------------------------------------------------------
