@@ -26,6 +26,7 @@ to the far corner (:data:`rcnn.boxes.INCLUSIVE_SHIFT`) on the way in, and back o
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,7 @@ class RoIAlignPool(nn.Module):
                          sampling_ratio=self.sampling_ratio, aligned=True)
 
 
-class RoIDetector(nn.Module):
+class RoIDetector(nn.Module, abc.ABC):
     """Backbone + RoIAlign + two-layer head with class scores and class-specific box deltas; the RoIs come
     from :meth:`propose`, which each family defines.
 
@@ -206,11 +207,11 @@ class RoIDetector(nn.Module):
         self.transform.min_size = self.train_sizes if mode else self.eval_sizes
         return self
 
+    @abc.abstractmethod
     def propose(self, batch: ImageList, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 targets: list[dict[str, torch.Tensor]] | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """The RoIs of each image (resized pixels, continuous corners) and the losses of whatever made them;
         ``proposals`` are the pipeline's, already resized; ``targets`` are given when losses are wanted."""
-        raise NotImplementedError
 
     def _features(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
                   targets: list[dict[str, torch.Tensor]] | None = None):
