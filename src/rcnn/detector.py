@@ -109,8 +109,6 @@ class Detector(abc.ABC):
                 yield found
 
 
-
-
 def postprocess_settings(params: Params) -> dict[str, float]:
     """The evaluate stage's post-processing, which every validation AP that selects a model uses too."""
     e = params.evaluate
