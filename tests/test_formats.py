@@ -71,6 +71,17 @@ def test_yolo_layout_converts_to_the_same_boxes_without_difficult_flags(voc_copy
     _same_data(_prepare(source, tmp_path / "voc"), voc_copy, difficult=False)
 
 
+def test_a_zip_of_a_yolo_export_converts_like_the_folder(voc_copy: Path, tmp_path: Path):
+    import shutil
+
+    source = yolo.export(voc_copy, tmp_path / "yolo", SPLITS, CLASSES)
+    archive = Path(shutil.make_archive(str(tmp_path / "yolo-export"), "zip", source))
+    converted = _prepare(archive, tmp_path / "voc")
+    _same_data(converted, voc_copy, difficult=False)
+    note = json.loads((converted.parent / voc.SOURCE_FILE).read_text())
+    assert note["kind"] == "archive" and note["format"] == "yolo"
+
+
 def test_a_png_image_is_reencoded_as_jpeg(voc_copy: Path, tmp_path: Path):
     source = yolo.export(voc_copy, tmp_path / "yolo", SPLITS, CLASSES)
     first = sorted((source / "images" / "train").glob("*.jpg"))[0]
