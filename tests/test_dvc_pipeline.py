@@ -164,6 +164,9 @@ def test_plots_show_writes_html(project: Path):
     assert "loss" in html and "precision" in html
     listed = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     assert "metrics/confusion.json" in listed  # DVC's confusion template over the evaluate stage's records
+    # each curve drawn once: in the top-level loss/accuracy charts, not again file by file
+    assert {"loss", "accuracy"} <= set(listed) and not [name for name in listed if name.startswith("dvclive/")]
+    assert {f"metrics/pr/{name}.json" for name in QUICK_PARAMS["classes"]} <= set(listed)  # one chart per class
     pictures = [name for name in listed if name.startswith("data/render") and name.endswith(".jpg")]
     assert any(name.endswith("grid.jpg") for name in pictures), sorted(listed)
     records = json.loads((project / "metrics" / "confusion.json").read_text())

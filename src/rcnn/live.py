@@ -1,6 +1,6 @@
 """Training curves through dvclive, written so that a failed or interrupted training leaves none behind.
 
-dvclive appends to its plot files as epochs finish. The train stage's declared plots output
+dvclive appends to its plot files as epochs finish. The train stage's curves output
 (``dvclive/plots/metrics``) must instead hold the curves of the checkpoint beside it, so the logger
 writes into a temporary folder that replaces ``dvclive/`` only when the stage succeeds. dvclive's own
 summary (``dvclive/metrics.json``, the last epoch's values) is left out: the stage's summary is

@@ -100,6 +100,8 @@ class ModelParams:
     max_size: int = field(default=800, metadata=_range(32, 4000))
     roi_channels: int = field(default=128, metadata=_range(0, 4096))
     roi_size: int = field(default=7, metadata=_range(1, 32))
+    # Fast/Faster R-CNN: the map RoIs are pooled from; 16 adds the backbone's stride-16 map to the stride-32 one
+    feature_stride: Literal[16, 32] = 32
     # Faster R-CNN's region proposal network (model.arch: faster_rcnn), on the stride-32 map
     rpn_anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     rpn_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -198,8 +200,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int -> float where allowed)."""
     bad = ParamError(f"{key} = {value!r} is invalid: expected {_describe(tp)}")
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
+    if origin is Literal:  # the type too: 16.0 or true is not the choice 16 or 1
+        if not any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp)):
             raise bad
         return value
     if origin in (typing.Union, types.UnionType):
@@ -328,6 +330,9 @@ def _check_consistency(p: Params) -> None:
         raise ParamError(f"model.classifier = {p.model.classifier!r} and train.hard_negative_rounds = "
                          f"{p.train.hard_negative_rounds} are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its softmax head "
                          f"end to end and would ignore them; set them to 'softmax' and 0, or model.arch = 'rcnn'")
+    if p.model.feature_stride == 16 and not p.model.roi_channels:
+        raise ParamError("model.feature_stride = 16 needs model.roi_channels > 0: the stride-16 and stride-32 maps "
+                         "are added after both are reduced to roi_channels channels")
     _check_rpn(p.model)
     if p.proposals.scheduler is not None:
         _check_scheduler_address(p.proposals.scheduler)

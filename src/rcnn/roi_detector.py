@@ -54,7 +54,10 @@ from rcnn.params import Params, to_dict
 FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResNet layer4, MobileNet features)
 # Constructor arguments of RoIDetector that a checkpoint records (its "config"); a family may add its own.
 CONFIG_KEYS = ("backbone", "num_classes", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout",
-               "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction")
+               "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction",
+               "feature_stride")
+# Config keys added after checkpoints were first written, with the value those checkpoints were trained with.
+CONFIG_DEFAULTS = {"feature_stride": FEATURE_STRIDE}
 
 
 def _fraction(value: Any, lo_open: bool = False) -> bool:
@@ -83,6 +86,8 @@ def check_config(config: dict[str, Any], classes: Any) -> None:
         "fg_iou": _fraction(config["fg_iou"], lo_open=True), "bg_iou": _fraction(config["bg_iou"]),
         "rois_per_image": is_int_in(config["rois_per_image"], 1, 4096),
         "fg_fraction": _fraction(config["fg_fraction"], lo_open=True),
+        "feature_stride": config["feature_stride"] in (16, 32) and type(config["feature_stride"]) is int
+        and (config["feature_stride"] == 32 or is_int_in(config["roi_channels"], 1)),
     }
     bad = next((name for name, ok in checks.items() if not ok), None)
     if bad is not None:
@@ -101,12 +106,26 @@ def pad_to_resizable(image: torch.Tensor, max_size: int) -> torch.Tensor:
     return nn.functional.pad(image, (0, max(pad_w, 0), 0, max(pad_h, 0)))
 
 
-def _feature_body(trunk: nn.Module) -> nn.Module:
+def _feature_body(trunk: nn.Module) -> nn.Sequential:
     """The convolutional part of a torchvision classifier trunk (stride 32, no pooling)."""
     if hasattr(trunk, "layer4"):
         return nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2,
                              trunk.layer3, trunk.layer4)
     return trunk.features
+
+
+def _stride16_end(body: nn.Sequential) -> tuple[int, int]:
+    """Index of the last module of ``body`` whose output is at stride 16, and that output's channels
+    (found by running a blank 64x64 image through it: ResNet layer3, MobileNetV2 block 13)."""
+    found, x, training = (-1, 0), torch.zeros(1, 3, 64, 64), body.training
+    body.eval()  # BatchNorm in train mode would fold the blank image into its ImageNet statistics
+    with torch.no_grad():
+        for index, module in enumerate(body):
+            x = module(x)
+            if x.shape[-1] == 64 // 16:
+                found = (index, x.shape[1])
+    body.train(training)
+    return found
 
 
 def image_tensor(image_bgr: np.ndarray) -> torch.Tensor:
@@ -160,13 +179,15 @@ class RoIDetector(nn.Module, abc.ABC):
                  roi_channels: int = 128, roi_size: int = 7, hidden: int = 512, dropout: float = 0.0,
                  image_size: int = 480, max_size: int = 800, train_sizes: tuple[int, ...] = (),
                  fg_iou: float = 0.5, bg_iou: float = 0.5, rois_per_image: int = 128,
-                 fg_fraction: float = 0.25) -> None:
+                 fg_fraction: float = 0.25, feature_stride: int = FEATURE_STRIDE) -> None:
         super().__init__()
         self.config = {"backbone": backbone, "num_classes": num_classes, "trainable_layers": trainable_layers,
                        "roi_channels": roi_channels, "roi_size": roi_size, "hidden": hidden, "dropout": dropout,
                        "image_size": image_size, "max_size": max_size, "train_sizes": list(train_sizes),
                        "fg_iou": fg_iou, "bg_iou": bg_iou, "rois_per_image": rois_per_image,
-                       "fg_fraction": fg_fraction}
+                       "fg_fraction": fg_fraction, "feature_stride": feature_stride}
+        if feature_stride not in (16, 32) or (feature_stride == 16 and not roi_channels):
+            raise RcnnError(f"feature_stride = {feature_stride} is invalid: expected 32, or 16 with roi_channels > 0")
         trunk, dim = build_backbone(backbone, weights)
         units = backbone_units(trunk)
         if not 0 <= trainable_layers <= len(units):
@@ -179,12 +200,17 @@ class RoIDetector(nn.Module, abc.ABC):
         self.body = _feature_body(trunk)
         self.reduce = nn.Sequential(nn.Conv2d(dim, roi_channels, 1), nn.ReLU(inplace=True)) if roi_channels \
             else nn.Identity()
+        self.stride16_end = -1
+        if feature_stride == 16:  # FPN's top-down step, once: the stride-32 map upsampled onto the stride-16 one
+            self.stride16_end, low_channels = _stride16_end(self.body)
+            self.lateral = nn.Conv2d(low_channels, roi_channels, 1)
+            self.smooth = nn.Sequential(nn.Conv2d(roi_channels, roi_channels, 3, padding=1), nn.ReLU(inplace=True))
         self.feature_channels = roi_channels or dim
         pooled = self.feature_channels * roi_size * roi_size
         head = nn.Sequential(nn.Flatten(), nn.Linear(pooled, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                              nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.roi_heads = RoIHeads(
-            box_roi_pool=RoIAlignPool(roi_size), box_head=head,
+            box_roi_pool=RoIAlignPool(roi_size, 1 / feature_stride), box_head=head,
             box_predictor=FastRCNNPredictor(hidden, num_classes + 1), fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
             batch_size_per_image=rois_per_image, positive_fraction=fg_fraction, bbox_reg_weights=None,
             score_thresh=0.0, nms_thresh=1.0, detections_per_img=1)  # post-processing is ours, see module doc
@@ -226,8 +252,22 @@ class RoIDetector(nn.Module, abc.ABC):
         x = batch.tensors
         if use_channels_last(x.device):
             x = x.contiguous(memory_format=torch.channels_last)
-        features = {"0": self.reduce(self.body(x))}
+        features = {"0": self._feature_map(x)}
         return batch, features, scaled, targets, sizes
+
+    def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map RoIs are pooled from: the last one reduced, or with ``feature_stride`` 16 that map
+        upsampled and added to the reduced stride-16 one (FPN's top-down pathway for one level)."""
+        low = None
+        for index, module in enumerate(self.body):
+            x = module(x)
+            if index == self.stride16_end:
+                low = x
+        top = self.reduce(x)
+        if low is None:
+            return top
+        lateral = self.lateral(low)
+        return self.smooth(lateral + nn.functional.interpolate(top, size=lateral.shape[-2:], mode="nearest"))
 
     def _head(self, features: dict[str, torch.Tensor], rois: list[torch.Tensor],
               image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +305,7 @@ def detector_kwargs(params: Params, fg_iou: float, bg_iou: float) -> dict[str, A
             "trainable_layers": m.trainable_layers, "roi_channels": m.roi_channels, "roi_size": m.roi_size,
             "hidden": m.hidden, "dropout": m.dropout, "image_size": m.image_size, "max_size": m.max_size,
             "train_sizes": tuple(t.image_sizes), "fg_iou": fg_iou, "bg_iou": bg_iou,
-            "rois_per_image": t.rois_per_image, "fg_fraction": t.fg_fraction}
+            "rois_per_image": t.rois_per_image, "fg_fraction": t.fg_fraction, "feature_stride": m.feature_stride}
 
 
 def seeded(params: Params, build: Any, **kwargs: Any) -> RoIDetector:
@@ -288,7 +328,8 @@ def load_roi_detector(model_cls: type[RoIDetector], payload: dict[str, Any], pat
     """Rebuild a ``model_cls`` from a checkpoint payload (eval mode, on ``device``)."""
     meta = payload["meta"]
     try:
-        config = {key: meta["config"][key] for key in model_cls.config_keys}
+        config = {key: meta["config"][key] if key in meta["config"] or key not in CONFIG_DEFAULTS
+                  else CONFIG_DEFAULTS[key] for key in model_cls.config_keys}
         model_cls.check_config(config, meta["classes"])
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
         model = model_cls(**config)
