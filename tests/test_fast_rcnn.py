@@ -48,6 +48,49 @@ def test_model_pools_at_the_backbone_stride():
     assert sizes == [(96, 128)] and torch.equal(scaled[0], torch.tensor([[0.0, 0.0, 64.0, 64.0]]))
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_stride_16_map_adds_the_upsampled_last_map_and_pools_at_stride_16(backbone: str):
+    model = tiny_model(backbone=backbone, feature_stride=16)
+    image = torch.rand(3, 96, 128)
+    _, features, _, _, _ = model._features([image], [torch.tensor([[0.0, 0.0, 64.0, 64.0]])])
+    assert features["0"].shape[-2:] == (6, 8)  # 96 x 128 at stride 16
+    assert model.roi_heads.box_roi_pool.spatial_scale == 1 / 16
+    # the stride-32 map still counts: changing the backbone's last unit changes the pooled map
+    before = features["0"].clone()
+    with torch.no_grad():
+        for param in model.body[-1].parameters():
+            param.add_(1.0)
+    _, after, _, _, _ = model._features([image], [torch.tensor([[0.0, 0.0, 64.0, 64.0]])])
+    assert not torch.allclose(before, after["0"])
+
+
+def test_stride_16_model_keeps_imagenet_statistics_and_round_trips(tmp_path: Path):
+    plain = tiny_model(backbone="mobilenet_v2")
+    model = tiny_model(backbone="mobilenet_v2", feature_stride=16)
+    for a, b in zip(plain.body.modules(), model.body.modules()):  # probing for the stride-16 block ran no BN update
+        if isinstance(a, torch.nn.BatchNorm2d):
+            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    save_roi_detector(tmp_path / "m.pt", model.eval(), Params(classes=["car", "dog", "person"]), {})
+    loaded = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0)
+    assert loaded.model.config["feature_stride"] == 16
+    image = torch.rand(3, 96, 128)
+    rois = torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 10.0, 90.0, 80.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.score(image, rois)[0], model.score(image, rois)[0])
+
+
+def test_checkpoints_from_before_feature_stride_load_as_stride_32(tmp_path: Path):
+    save_roi_detector(tmp_path / "m.pt", tiny_model(), Params(classes=["car", "dog", "person"]), {})
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["meta"]["config"]["feature_stride"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_detector(tmp_path / "old.pt", "cpu").model.config["feature_stride"] == 32
+    payload["meta"]["config"]["feature_stride"] = 8
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(RcnnError, match="config feature_stride = 8 is invalid"):
+        load_detector(tmp_path / "bad.pt", "cpu")
+
+
 @pytest.mark.parametrize("fg_fraction", [0.25, 0.5])
 def test_sampled_rois_have_the_requested_foreground_share(fg_fraction: float):
     model = tiny_model(rois_per_image=32, fg_fraction=fg_fraction)

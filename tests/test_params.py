@@ -89,6 +89,11 @@ INVALID = {
                                     "train.warmup_epochs = 3 is invalid: must be < train.epochs (3)"),
     "fg_fraction zero": (_with({"train": {"fg_fraction": 0}}), "train.fg_fraction = 0.0 is out of range"),
     "rois zero": (_with({"train": {"rois_per_image": 0}}), "train.rois_per_image = 0 is out of range"),
+    "bad feature stride": (_with({"model": {"feature_stride": 8}}),
+                           "model.feature_stride = 8 is invalid: expected one of 16, 32"),
+    "float feature stride": (_with({"model": {"feature_stride": 16.0}}), "model.feature_stride = 16.0 is invalid"),
+    "stride 16 without reduction": (_with({"model": {"feature_stride": 16, "roi_channels": 0}}),
+                                    "model.feature_stride = 16 needs model.roi_channels > 0"),
 }
 
 
