@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -71,8 +72,12 @@ def pipeline(params: Params, work: Path) -> dict[str, Any]:
         # The stage searched n_jobs images at once; one image alone takes n_jobs / throughput seconds.
         search = int(props.get("n_jobs", 1)) / eval_file["images_per_second"]
     detect = result["seconds_per_image"]
+    trained = json.loads((work / "train.json").read_text())
     return {"map07": result["map07"], "map": result["map"], "map07_ci95": result["map07_ci95"],
-            "map_ci95": result["map_ci95"], "seed": params.seed, "train_seconds": seconds["train"],
+            "map_ci95": result["map_ci95"], "ap07": result["ap07"], "seed": params.seed,
+            # the numbers a configuration is chosen by: the best epoch's, on the validation split
+            "best_epoch": trained["best_epoch"], "val_map07": trained.get("val_map07"), "val_map": trained["val_map"],
+            "train_seconds": seconds["train"],
             "detect_s_per_image": detect, "search_s_per_image": round(search, 4),
             "detect_with_search_s_per_image": round(detect + search, 4),
             "pipeline_seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds,
