@@ -92,6 +92,10 @@ def test_families_bench_compares_the_families_with_the_stock_peer(tmp_path, synt
     assert rows["faster-rcnn"]["search_s_per_image"] == 0 == rows["stock_faster_rcnn"]["search_s_per_image"]
     for name in ("fast-rcnn", "faster-rcnn"):
         assert rows[name]["pipeline_seconds"] >= rows[name]["train_seconds"]
+    for name in ("fast-rcnn", "faster-rcnn"):  # chosen by validation; test AP per class beside the mean
+        run = rows[name]["runs"][0]
+        assert 1 <= run["best_epoch"] <= 2 and 0 <= run["val_map07"] <= 1 and 0 <= run["val_map"] <= 1
+        assert set(run["ap07"]) <= {"car", "dog", "person"} and run["ap07"]
     recall = rows["faster-rcnn"]["runs"][0]["proposal_recall"]
     assert recall["source"] == "learned" and 0 <= recall["recall_iou50"] <= 1
     peer = rows["stock_faster_rcnn"]["runs"][0]
