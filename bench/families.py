@@ -76,7 +76,8 @@ def pipeline(params: Params, work: Path) -> dict[str, Any]:
     return {"map07": result["map07"], "map": result["map"], "map07_ci95": result["map07_ci95"],
             "map_ci95": result["map_ci95"], "ap07": result["ap07"], "seed": params.seed,
             # the numbers a configuration is chosen by: the best epoch's, on the validation split
-            "best_epoch": trained.get("best_epoch"), "val_map07": trained.get("val_map07"), "val_map": trained.get("val_map"),
+            "best_epoch": trained.get("best_epoch"), "val_map07": trained.get("val_map07"),
+            "val_map": trained.get("val_map"),
             "train_seconds": seconds["train"],
             "detect_s_per_image": detect, "search_s_per_image": round(search, 4),
             "detect_with_search_s_per_image": round(detect + search, 4),
