@@ -16,7 +16,7 @@ from rcnn.errors import RcnnError
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
 from rcnn.roi_detector import RoIAlignPool, save_roi_detector
 from rcnn.roi_training import Example, _load, steps_per_epoch
-from rcnn.params import Params, TrainParams, from_dict
+from rcnn.params import Params, TrainParams, from_dict, to_dict
 from rcnn.proposals import run_proposals_stage
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
 from rcnn.regions import read_index
@@ -243,3 +243,20 @@ def test_small_sets_repeat_their_images_to_reach_min_steps(monkeypatch: pytest.M
     one = [i for images, _, _ in roi_training._batches(examples, 2, np.random.default_rng(0), True, 3)
            for i in images]
     assert one == list(np.random.default_rng(0).permutation(5))
+
+
+def test_val_start_leaves_training_unchanged_and_scores_only_the_later_epochs(tmp_path: Path, synthetic_voc: Path):
+    params = _params(synthetic_voc)
+    run_proposals_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
+    run_regions_stage(params, synthetic_voc, tmp_path / "proposals", tmp_path / "regions", tmp_path / "regions.json")
+    late = from_dict({**to_dict(params), "train": {**to_dict(params)["train"], "val_start": 0.5, "patience": 1}})
+    runs = {}
+    for name, p in (("every", params), ("late", late)):
+        runs[name] = run_train_stage(p, tmp_path / "features", tmp_path / "regions", tmp_path / name / "model.pt",
+                                     tmp_path / name / "train.json", tmp_path / name / "live", synthetic_voc)
+    curves = tmp_path / "{}" / "live" / "plots" / "metrics"
+    loss = [(Path(str(curves).format(name)) / "train" / "loss.tsv").read_text() for name in runs]
+    assert loss[0] == loss[1]  # validation draws nothing the training draws
+    scored = (Path(str(curves).format("late")) / "val" / "map.tsv").read_text().splitlines()[1:]
+    assert [row.split("\t")[0] for row in scored] == ["1", "2"]  # epochs 2 and 3 of 3 (dvclive counts from 0)
+    assert runs["late"]["best_epoch"] >= 2 and runs["late"]["epochs_run"] == 3

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from rcnn.optim import build_optimizer, build_scheduler, lr_factor
+from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, lr_factor, patience_spent
 from rcnn.params import TrainParams
 
 
@@ -41,3 +41,12 @@ def test_optimizers_follow_params_and_skip_frozen_weights():
     adam.step()
     scheduler.step()
     assert adam.param_groups[0]["lr"] == pytest.approx(0.055)
+
+
+def test_first_validated_epoch_and_patience_follow_val_start():
+    assert first_validated_epoch(TrainParams(epochs=24)) == 1
+    assert first_validated_epoch(TrainParams(epochs=24, val_start=0.5)) == 13
+    assert first_validated_epoch(TrainParams(epochs=1, val_start=0.9)) == 1  # the last epoch is always scored
+    t = TrainParams(epochs=10, patience=2, val_start=0.5)  # scored from epoch 6
+    assert not patience_spent(5, 0, t) and not patience_spent(6, 6, t) and patience_spent(7, 0, t)
+    assert patience_spent(8, 6, t) and not patience_spent(8, 7, t)

@@ -131,3 +131,23 @@ def test_end_to_end_fine_tuning_changes_only_the_trainable_units(regions_dir, tm
     trained = model.backbone.state_dict()
     changed = {k for k in start if not torch.equal(start[k], trained[k])}
     assert changed and all(k.startswith("layer4.") for k in changed)
+
+
+def test_val_start_trains_the_same_epochs_and_scores_only_the_later_ones(regions_dir, features_dir, tmp_path):
+    every = tiny_params()
+    late = dataclasses.replace(every, train=dataclasses.replace(every.train, epochs=6, patience=2, val_start=0.5))
+    every = dataclasses.replace(every, train=dataclasses.replace(every.train, epochs=6, patience=6))
+    scored_all = _train(regions_dir, features_dir, tmp_path / "all", every)
+    scored_late = _train(regions_dir, features_dir, tmp_path / "late", late)
+    metrics = tmp_path / "{}" / "dvclive" / "plots" / "metrics"
+    train_curve = [(Path(str(metrics).format(run)) / "train" / "loss.tsv").read_text() for run in ("all", "late")]
+    assert train_curve[0] == train_curve[1]  # scoring validation changes nothing that is trained
+    val_steps = (Path(str(metrics).format("late")) / "val" / "loss.tsv").read_text().splitlines()[1:]
+    first = 4  # epochs 1-3 (half of 6) trained unscored; dvclive steps count from 0
+    assert [int(row.split("\t")[0]) for row in val_steps] == list(range(first - 1, scored_late["epochs_run"]))
+    assert scored_late["best_epoch"] >= first
+    # Patience counts scored epochs (from epoch 1 it would have stopped at epoch 2, with nothing scored).
+    assert scored_late["epochs_run"] == 6
+    if scored_all["best_epoch"] >= first:  # the same choice when it was among the scored epochs
+        assert scored_late["best_epoch"] == scored_all["best_epoch"]
+

@@ -5,6 +5,11 @@ with ``train.weight_decay``. The schedule is applied per step: a linear warm-up 
 ``train.warmup_epochs`` epochs from a tenth of ``train.lr``, then ``constant``, ``step`` (x0.1
 after two thirds of ``train.epochs``, as Fast R-CNN's 30k/40k iterations) or ``cosine`` (to zero
 at ``train.epochs``). Early stopping may end training before the schedule does.
+
+Validation follows the schedule too: the first ``train.val_start`` of the epochs train without being
+scored (with a decaying rate the best epoch comes late, and on a set like bccd scoring validation AP
+costs as much as an epoch's training); patience counts from the first scored epoch. Validation draws
+no random numbers, so the epochs trained are the same whichever are scored.
 """
 
 from __future__ import annotations
@@ -47,3 +52,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                     t: TrainParams) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step scheduler following :func:`lr_factor`; call ``step()`` after every optimiser step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, t))
+
+
+def first_validated_epoch(t: TrainParams) -> int:
+    """The first epoch (1-based) scored on validation and eligible as the best: after ``train.val_start`` of
+    ``train.epochs``; the last epoch always is."""
+    return min(int(t.val_start * t.epochs) + 1, t.epochs)
+
+
+def patience_spent(epoch: int, best_epoch: int, t: TrainParams) -> bool:
+    """Whether ``train.patience`` scored epochs have passed without a better one than ``best_epoch``."""
+    return epoch - max(best_epoch, first_validated_epoch(t) - 1) >= t.patience

@@ -122,6 +122,7 @@ class TrainParams:
     batch_size: int = field(default=32, metadata=_range(1))
     epochs: int = field(default=100, metadata=_range(1))
     patience: int = field(default=5, metadata=_range(1))
+    val_start: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # share of epochs trained unscored
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     background_weight: float = field(default=1.0, metadata=_range(0, lo_open=True))
     object_weight: float = field(default=2.0, metadata=_range(0, lo_open=True))

@@ -9,10 +9,10 @@ On a small training set an epoch passes over the images several times, so that t
 least ``train.min_steps`` steps: a new head needs a number of *steps*, not of passes, to learn
 foreground (11 VOC photos, 20 classes: 144 steps learned background only, 1,200 fitted them).
 Optimiser and schedule come from :mod:`rcnn.optim` (SGD with warm-up and decay is the Fast R-CNN
-recipe). After each epoch the model is scored on the validation split twice: the multi-task
-loss on a fixed RoI sample, and detection AP with the evaluate stage's settings, the number that
-matters; the best epoch by validation AP (then loss) is kept, with early stopping after
-``train.patience`` epochs without improvement. Curves go to dvclive as for R-CNN. The chosen model
+recipe). After each epoch (from the one ``train.val_start`` sets on) the model is scored on the
+validation split twice: the multi-task loss on a fixed RoI sample, and detection AP with the evaluate
+stage's settings, the number that matters; the best epoch by validation AP (then loss) is kept, with
+early stopping after ``train.patience`` scored epochs without improvement. Curves go to dvclive as for R-CNN. The chosen model
 is then scored on its own training images, per class (:mod:`rcnn.class_accuracy`): one that
 learned no foreground is an error, not a checkpoint.
 """
@@ -37,7 +37,7 @@ from rcnn.errors import RcnnError
 from rcnn.detector import labelled_split_ap, postprocess_settings, warn_if_unscorable
 from rcnn.fileio import write_json
 from rcnn.device import inference_autocast, select_device
-from rcnn.optim import build_optimizer, build_scheduler
+from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, TrainParams
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
@@ -199,25 +199,30 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
             scheduler.step()
             meter.add({k: v.detach() for k, v in losses.items()}, logits, labels)
         train_m = meter.result()
-        val_meter = roi_meter(model, val, t.images_per_batch, device)
-        val_m = {**val_meter.result(), **validation_ap(model, detector_cls, val, params, device)}
         epochs_run = epoch
         if live is not None:
             for name in ("loss", "accuracy", "fg_accuracy"):
                 live.log_metric(f"train/{name}", train_m[name])
-                live.log_metric(f"val/{name}", val_m[name])
-            live.log_metric("val/map", val_m["map"])
             live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
+        if epoch >= first_validated_epoch(t):
+            val_meter = roi_meter(model, val, t.images_per_batch, device)
+            val_m = {**val_meter.result(), **validation_ap(model, detector_cls, val, params, device)}
+            if live is not None:
+                for name in ("loss", "accuracy", "fg_accuracy", "map"):
+                    live.log_metric(f"val/{name}", val_m[name])
+            key = (val_m["map"], -val_m["loss"])
+            if key > best_key:
+                best_key, best_state = key, copy.deepcopy(model.state_dict())
+                best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items() if k != "fg_accuracy"},
+                        "val_fg_accuracy": val_meter.tally.per_class(params.classes),
+                        "val_fg_accuracy_overall": val_m["fg_accuracy"],
+                        **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
+            bar.set_postfix(loss=f"{train_m['loss']:.3f}", val_map=f"{val_m['map']:.3f}", best=best["best_epoch"])
+        else:
+            bar.set_postfix(loss=f"{train_m['loss']:.3f}", val_from=first_validated_epoch(t))
+        if live is not None:
             live.next_step()
-        key = (val_m["map"], -val_m["loss"])
-        if key > best_key:
-            best_key, best_state = key, copy.deepcopy(model.state_dict())
-            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items() if k != "fg_accuracy"},
-                    "val_fg_accuracy": val_meter.tally.per_class(params.classes),
-                    "val_fg_accuracy_overall": val_m["fg_accuracy"],
-                    **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
-        bar.set_postfix(loss=f"{train_m['loss']:.3f}", val_map=f"{val_m['map']:.3f}", best=best["best_epoch"])
-        stopped = epoch - best["best_epoch"] >= t.patience
+        stopped = patience_spent(epoch, best["best_epoch"], t)
         save_epoch(resume, live, model, optimizer, scheduler, numpy_rng=rng, epoch=epoch, stopped=stopped, best=best,
                    best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start)
         if stopped:

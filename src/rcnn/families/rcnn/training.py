@@ -9,7 +9,7 @@ head, or per-class SVMs (:mod:`rcnn.families.rcnn.svm`), retrained over ``train.
 hard-negative mining (:mod:`rcnn.families.rcnn.hard_negatives`); then box regression on the final features.
 
 Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
-loss with the best state kept; seeded model init, sampling, dropout and flips, so the same
+loss (or AP, when fine-tuning) with the best state kept, scored from the epoch ``train.val_start`` sets on; seeded model init, sampling, dropout and flips, so the same
 params give the same metrics. Per-epoch curves go to dvclive, the best epoch's numbers to
 ``metrics/train.json`` and the best model to ``data/model/model.pt``, unless the final classifier
 labels no foreground of its training regions correctly (:mod:`rcnn.class_accuracy`): then the stage
@@ -41,7 +41,7 @@ from rcnn.families.rcnn.finetune import ProposalSampler
 from rcnn.families.rcnn.hard_negatives import already_sampled, hard_score, mine_hard_negatives, negative_pool, pool_scores
 from rcnn.device import select_device
 from rcnn.families.rcnn.model import RegionClassifier, build_model, save_checkpoint
-from rcnn.optim import build_optimizer, build_scheduler
+from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, to_dict
 from rcnn.region_boxes import ImageBoxes
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
@@ -112,34 +112,40 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
             scheduler.step()
             train_meter.add(logits.detach(), y, weights)
         model.eval()
-        val_meter = _Meter(params.num_classes)
-        with torch.inference_mode():
-            for x, y in data.val_batches():
-                x, y = x.to(device), y.to(device)
-                val_meter.add(data.logits(model, x), y, weights)
-        train_m, val_m = train_meter.result(), val_meter.result()
-        if data.val_ap is not None:
-            val_m.update(data.val_ap(model))
+        train_m = train_meter.result()
         epochs_run = epoch
         if live is not None:
             for name in METRIC_NAMES:
                 live.log_metric(f"train/{name}", train_m[name])
-                live.log_metric(f"val/{name}", val_m[name])
-            if "map" in val_m:
-                live.log_metric("val/map", val_m["map"])
+        if epoch >= first_validated_epoch(t):
+            val_meter = _Meter(params.num_classes)
+            with torch.inference_mode():
+                for x, y in data.val_batches():
+                    x, y = x.to(device), y.to(device)
+                    val_meter.add(data.logits(model, x), y, weights)
+            val_m = val_meter.result()
+            if data.val_ap is not None:
+                val_m.update(data.val_ap(model))
+            if live is not None:
+                for name in (*METRIC_NAMES, "map"):
+                    if name in val_m:
+                        live.log_metric(f"val/{name}", val_m[name])
+            # The best epoch: highest validation AP when scored (then lowest loss), else lowest loss.
+            key = (val_m.get("map", 0.0), -val_m["loss"])
+            if math.isfinite(val_m["loss"]) and key > best_key:
+                best_key = key
+                best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items() if k != "fg_accuracy"},
+                        "val_fg_accuracy": val_meter.tally.per_class(params.classes),
+                        "val_fg_accuracy_overall": val_m["fg_accuracy"],
+                        **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
+                best_state = copy.deepcopy(learned.state_dict())
+            bar.set_postfix(train_loss=f"{train_m['loss']:.4f}", val_loss=f"{val_m['loss']:.4f}",
+                            best=best["best_epoch"])
+        else:
+            bar.set_postfix(train_loss=f"{train_m['loss']:.4f}", val_from=first_validated_epoch(t))
+        if live is not None:
             live.next_step()
-        # The best epoch: highest validation AP when scored (then lowest loss), else lowest loss.
-        key = (val_m.get("map", 0.0), -val_m["loss"])
-        if math.isfinite(val_m["loss"]) and key > best_key:
-            best_key = key
-            best = {"best_epoch": epoch, **{f"val_{k}": v for k, v in val_m.items() if k != "fg_accuracy"},
-                    "val_fg_accuracy": val_meter.tally.per_class(params.classes),
-                    "val_fg_accuracy_overall": val_m["fg_accuracy"],
-                    **{f"train_{k}": v for k, v in train_m.items() if k != "fg_accuracy"}}
-            best_state = copy.deepcopy(learned.state_dict())
-        bar.set_postfix(train_loss=f"{train_m['loss']:.4f}", val_loss=f"{val_m['loss']:.4f}",
-                        best=best["best_epoch"])
-        stopped = epoch - best["best_epoch"] >= t.patience
+        stopped = patience_spent(epoch, best["best_epoch"], t)
         save_epoch(resume, live, learned, optimizer, scheduler, generator=data.generator, epoch=epoch, stopped=stopped, best=best,
                    best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start)
         if stopped:
