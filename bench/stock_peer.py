@@ -14,7 +14,9 @@ validation split; scored once on the evaluated split by the project's evaluator.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,8 +35,9 @@ from rcnn.bootstrap import map_intervals
 from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
 from rcnn.device import inference_dtype, select_device
 from rcnn.evaluation import Detections, evaluate_detections
-from rcnn.optim import build_optimizer, build_scheduler
+from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch
 from rcnn.params import Params
+from rcnn.resume import ResumePoint, restore_training, resume_key, save_epoch
 from rcnn.roi_detector import flip_boxes, image_tensor
 from rcnn.roi_training import steps_per_epoch
 
@@ -140,18 +143,25 @@ def _ap(model: FasterRCNN, params: Params, root: Path, annotations: Sequence[voc
 
 
 def fit(model: FasterRCNN, params: Params, root: Path, train: Sequence[voc.Annotation],
-        val: Sequence[voc.Annotation], device: torch.device, epochs: int) -> dict[str, Any]:
-    """Train with the params' schedule, keep the epoch with the best validation AP, then pick the NMS IoU on
-    validation; returns what was chosen and the training seconds."""
+        val: Sequence[voc.Annotation], device: torch.device, resume: ResumePoint | None = None) -> dict[str, Any]:
+    """Train with the params' schedule, keep the epoch with the best validation AP (scored from the epoch
+    ``train.val_start`` sets on, as the pipeline's trainer), then pick the NMS IoU on validation; returns what
+    was chosen and the training seconds. With ``resume``, every finished epoch is saved there and a saved
+    one continued from: the peer's 24 epochs take hours on a CPU."""
     t = params.train
     model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)
     rng = np.random.default_rng(params.seed)
-    best_ap, best_epoch, best_state = -1.0, 0, None
+    best_ap, best_epoch, best_state, done, earlier = -1.0, 0, None, 0, 0.0
+    loop = restore_training(resume, model, optimizer, scheduler, numpy_rng=rng)
+    if loop is not None:
+        best_ap, best_epoch, best_state = loop["best_ap"], loop["best_epoch"], loop["best_state"]
+        done, earlier = int(loop["epoch"]), float(loop["seconds"])
     start = time.perf_counter()
-    for epoch in tqdm(range(1, epochs + 1), desc="stock faster r-cnn", unit="epoch"):
+    for epoch in tqdm(range(done + 1, t.epochs + 1), desc="stock faster r-cnn", unit="epoch", initial=done,
+                      total=t.epochs):
         model.train()
         _sizes(model, params, True)
         needed = steps * t.images_per_batch
@@ -165,10 +175,13 @@ def fit(model: FasterRCNN, params: Params, root: Path, train: Sequence[voc.Annot
             loss.backward()
             optimizer.step()
             scheduler.step()
-        ap = _ap(model, params, root, val, device, f"val epoch {epoch}")
-        if ap > best_ap:
-            best_ap, best_epoch, best_state = ap, epoch, copy.deepcopy(model.state_dict())
-    seconds = time.perf_counter() - start
+        if epoch >= first_validated_epoch(t):
+            ap = _ap(model, params, root, val, device, f"val epoch {epoch}")
+            if ap > best_ap:
+                best_ap, best_epoch, best_state = ap, epoch, copy.deepcopy(model.state_dict())
+        save_epoch(resume, None, model, optimizer, scheduler, numpy_rng=rng, epoch=epoch, best_ap=best_ap,
+                   best_epoch=best_epoch, best_state=best_state, seconds=earlier + time.perf_counter() - start)
+    seconds = earlier + time.perf_counter() - start
     model.load_state_dict(best_state)
     by_nms = {}
     for nms in NMS_CHOICES:
@@ -179,8 +192,19 @@ def fit(model: FasterRCNN, params: Params, root: Path, train: Sequence[voc.Annot
             "nms_iou": model.roi_heads.nms_thresh, "val_map_by_nms": {str(k): round(v, 6) for k, v in by_nms.items()}}
 
 
-def peer(params: Params, work: Path, epochs: int | None = None) -> dict[str, Any]:
-    """Train the stock peer on ``params``' train split (validation on its val split), score the evaluated split."""
+def resume_point(resume_dir: Path | None, params: Params, voc_dir: Path) -> ResumePoint | None:
+    """The peer's resume point for ``params`` under ``resume_dir`` (one folder per seed), keyed as the train
+    stage's (params, data, package code, torch) and this file's code."""
+    if resume_dir is None:
+        return None
+    key = hashlib.sha256((resume_key(params, [], voc_dir) + Path(__file__).read_text()).encode()).hexdigest()[:24]
+    return ResumePoint(resume_dir / f"stock-peer-seed-{params.seed}", key)
+
+
+def peer(params: Params, work: Path, epochs: int | None = None, resume_dir: Path | None = None) -> dict[str, Any]:
+    """Train the stock peer on ``params``' train split (validation on its val split), score the evaluated split;
+    ``epochs`` replaces ``train.epochs``; ``resume_dir`` keeps a resume point (see :func:`fit`)."""
+    params = replace(params, train=replace(params.train, epochs=epochs or params.train.epochs))
     root = voc.find_voc_root(work / "data" / "voc")
     device = select_device(params.train.device)
     dtype = inference_dtype(device)
@@ -188,10 +212,13 @@ def peer(params: Params, work: Path, epochs: int | None = None) -> dict[str, Any
                   for split in (params.data.train_split, params.data.val_split))
     test = voc.load_split(root, params.evaluate.split, params.classes, "skip")
     model = build_stock_peer(params, None if dtype == torch.float32 else dtype)
-    chosen = fit(model, params, root, train, val, device, epochs or params.train.epochs)
+    point = resume_point(resume_dir, params, work / "data" / "voc")
+    chosen = fit(model, params, root, train, val, device, point)
+    if point is not None:
+        point.clear()
     found, per_image = detect(model, params, root, test, device, "stock faster r-cnn detect")
     result = evaluate_detections(found, test, params.classes)
     return {"map07": result.map07, "map": result.map, **map_intervals(result), "seed": params.seed,
             **chosen, "detect_s_per_image": round(per_image, 4), "search_s_per_image": 0.0,
             "detect_with_search_s_per_image": round(per_image, 4), "pipeline_seconds": None,
-            "epochs": epochs or params.train.epochs}
+            "epochs": params.train.epochs}

@@ -145,6 +145,38 @@ def test_the_stock_peer_freezes_batchnorm_and_decodes_boxes_in_float32(monkeypat
         assert model.backbone(torch.rand(1, 3, 64, 64)).dtype == torch.float32
 
 
+def test_a_killed_stock_peer_continues_from_its_last_epoch_to_the_same_result(tmp_path, synthetic_voc, monkeypatch):
+    import shutil
+
+    from rcnn.params import from_dict
+
+    stock_peer = _bench_module("stock_peer")
+    work = tmp_path / "work"
+    shutil.copytree(synthetic_voc, work / "data" / "voc" / "VOC2007")
+    params = from_dict({"classes": ["car", "dog", "person"], "model": {
+        "backbone": "resnet18", "weights": "none", "trainable_layers": 1, "image_size": 96, "max_size": 128},
+        "train": {"optimizer": "sgd", "lr": 0.01, "epochs": 2, "schedule": "cosine", "device": "cpu"}})
+    whole = stock_peer.peer(params, work)
+    calls = []
+    real_ap = stock_peer._ap
+
+    def killed_at_the_second_validation(*args, **kwargs):  # noqa: ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_ap(*args, **kwargs)
+
+    monkeypatch.setattr(stock_peer, "_ap", killed_at_the_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        stock_peer.peer(params, work, resume_dir=tmp_path / "resume")
+    assert len(list((tmp_path / "resume").glob("stock-peer-seed-0/*/state.pt"))) == 1  # epoch 1 kept
+    monkeypatch.setattr(stock_peer, "_ap", real_ap)
+    resumed = stock_peer.peer(params, work, resume_dir=tmp_path / "resume")
+    timing = ("train_seconds", "detect_s_per_image", "detect_with_search_s_per_image")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    assert not any((tmp_path / "resume").iterdir())  # a finished run leaves no resume point behind
+
+
 ABLATION = Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
 
 
