@@ -9,8 +9,8 @@ head, or per-class SVMs (:mod:`rcnn.families.rcnn.svm`), retrained over ``train.
 hard-negative mining (:mod:`rcnn.families.rcnn.hard_negatives`); then box regression on the final features.
 
 Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
-loss (or AP, when fine-tuning) with the best state kept, scored from the epoch ``train.val_start`` sets on; seeded model init, sampling, dropout and flips, so the same
-params give the same metrics. Per-epoch curves go to dvclive, the best epoch's numbers to
+loss (or AP, when fine-tuning) with the best state kept, scored from the epoch ``train.val_start`` sets on;
+seeded model init, sampling, dropout and flips, so the same params give the same metrics. Per-epoch curves go to dvclive, the best epoch's numbers to
 ``metrics/train.json`` and the best model to ``data/model/model.pt``, unless the final classifier
 labels no foreground of its training regions correctly (:mod:`rcnn.class_accuracy`): then the stage
 stops instead, and ``metrics/train.json`` reports each class's foreground accuracy either way.
