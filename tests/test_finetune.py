@@ -150,6 +150,22 @@ def test_the_mining_pool_is_every_background_proposal_and_nothing_near_an_object
     np.testing.assert_allclose(np.asarray(pool.features[:5], np.float32), exact, rtol=2e-3, atol=2e-3)
 
 
+def test_mining_scores_only_the_proposals_detection_will_score(regions_dir, tmp_path):
+    """With ``max_rank`` (evaluate.max_proposals), a negative ranked past it is never mined: detection never sees it."""
+    items = _items(regions_dir)[:4]
+    settings = regions.region_settings(regions_dir)
+    model = RegionClassifier("resnet18", len(CLASSES), hidden=16).eval()
+    root = regions_dir.parent / "VOC2007"
+    rank = 5
+    assert any(int((i.labels[rank:] == 0).sum()) for i in items)  # the cap leaves something out
+    pool = negative_pool(model, root, items, settings.crop_size, settings.context, torch.device("cpu"), 64, tmp_path,
+                         max_rank=rank)
+    assert len(pool.boxes) == sum(int((i.labels[:rank] == 0).sum()) for i in items) > 0
+    for k, item in enumerate(items):
+        first = item.proposals[:rank][item.labels[:rank] == 0]
+        np.testing.assert_array_equal(pool.boxes[pool.image_index == k], first)
+
+
 def _toy(dim: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Background plus three classes, as well-separated Gaussian blobs."""
     rng = np.random.default_rng(seed)

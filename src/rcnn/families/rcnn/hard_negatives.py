@@ -1,8 +1,9 @@
 """Hard-negative mining over every background proposal of the training images (R-CNN §2.3, App. B).
 
 The classifier first learns from the regions stage's sample. Then, for ``train.hard_negative_rounds``
-rounds, it scores *every* background proposal of the training images (IoU below ``regions.bg_iou``
-with every object), adds each image's ``regions.max_boxes`` highest-scoring ones not yet in the
+rounds, it scores every background proposal of the training images (IoU below ``regions.bg_iou``
+with every object) among each image's first ``evaluate.max_proposals`` (the proposals detection scores:
+a negative ranked later is never seen at test time), adds each image's ``regions.max_boxes`` highest-scoring ones not yet in the
 training set (neither mined before nor in the regions stage's sample) that it gets wrong or nearly
 wrong (:func:`hard_score`), and is retrained. The pool's features are computed once (one backbone pass over
 all those crops, kept as float16 in a memory-mapped scratch file so memory stays bounded) and
@@ -39,9 +40,10 @@ class NegativePool:
 
 
 def negative_pool(model: RegionClassifier, root: Path, items: Sequence[ImageBoxes], crop_size: int, context: int,
-                  device: torch.device, batch_size: int, scratch: Path) -> NegativePool:
-    """Compute the features of every background (label 0) proposal of ``items`` once."""
-    bg = [np.flatnonzero(item.labels == 0) for item in items]
+                  device: torch.device, batch_size: int, scratch: Path, max_rank: int | None = None) -> NegativePool:
+    """Compute the features of every background (label 0) proposal of ``items`` once; with ``max_rank``,
+    only of those among each image's first ``max_rank`` proposals."""
+    bg = [np.flatnonzero(item.labels[:max_rank] == 0) for item in items]
     total = int(sum(len(b) for b in bg))
     feats = np.lib.format.open_memmap(scratch / "pool.npy", mode="w+", dtype=np.float16,
                                       shape=(total, model.feature_dim))

@@ -188,7 +188,7 @@ def fit_classifier(model: RegionClassifier, train: dict[str, np.ndarray], val: d
     with tempfile.TemporaryDirectory(prefix="rcnn-pool-") as scratch:
         settings = regions.region_settings(regions_dir)
         pool = negative_pool(model, root, items, settings.crop_size, settings.context, device,
-                             t.feature_batch_size, Path(scratch))
+                             t.feature_batch_size, Path(scratch), max_rank=params.evaluate.max_proposals)
         summary["pool_regions"], summary["pool_seconds"] = len(pool.boxes), round(time.perf_counter() - start, 3)
         taken = already_sampled(pool, items, train["image_ids"], train["boxes"], train["labels"])
         summary["already_in_training_set"] = int(taken.sum())
