@@ -1,11 +1,11 @@
-"""Hard-negative mining over every background proposal of the training images (R-CNN §2.3, App. B).
+"""Hard-negative mining over the background proposals detection scores (R-CNN §2.3, App. B).
 
 The classifier first learns from the regions stage's sample. Then, for ``train.hard_negative_rounds``
 rounds, it scores every background proposal of the training images (IoU below ``regions.bg_iou``
 with every object) among each image's first ``evaluate.max_proposals`` (the proposals detection scores:
-a negative ranked later is never seen at test time), adds each image's ``regions.max_boxes`` highest-scoring ones not yet in the
-training set (neither mined before nor in the regions stage's sample) that it gets wrong or nearly
-wrong (:func:`hard_score`), and is retrained. The pool's features are computed once (one backbone pass over
+a negative ranked later is never seen at test time), adds each image's ``regions.max_boxes``
+highest-scoring ones not yet in the training set (neither mined before nor in the regions stage's
+sample) that it gets wrong or nearly wrong (:func:`hard_score`), and is retrained. The pool's features are computed once (one backbone pass over
 all those crops, kept as float16 in a memory-mapped scratch file so memory stays bounded) and
 reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.families.rcnn.svm`.
 """
