@@ -6,8 +6,8 @@ with every object) among each image's first ``evaluate.max_proposals`` (the prop
 a negative ranked later is never seen at test time), adds each image's ``regions.max_boxes``
 highest-scoring ones not yet in the training set (neither mined before nor in the regions stage's
 sample) that it gets wrong or nearly wrong (:func:`hard_score`), and is retrained. The pool's features
-are computed once (one backbone pass over all those crops, kept as float16 in a memory-mapped scratch file so memory stays bounded) and
-reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.families.rcnn.svm`.
+are computed once (one backbone pass over all those crops, kept as float16 in a memory-mapped scratch
+file so memory stays bounded) and reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.families.rcnn.svm`.
 """
 
 from __future__ import annotations
