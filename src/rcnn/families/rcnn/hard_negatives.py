@@ -7,7 +7,8 @@ a negative ranked later is never seen at test time), adds each image's ``regions
 highest-scoring ones not yet in the training set (neither mined before nor in the regions stage's
 sample) that it gets wrong or nearly wrong (:func:`hard_score`), and is retrained. The pool's features
 are computed once (one backbone pass over all those crops, kept as float16 in a memory-mapped scratch
-file so memory stays bounded) and reused by every round. The classifier is the softmax head or the SVMs of :mod:`rcnn.families.rcnn.svm`.
+file so memory stays bounded) and reused by every round. The classifier is the softmax head or the
+SVMs of :mod:`rcnn.families.rcnn.svm`.
 """
 
 from __future__ import annotations
