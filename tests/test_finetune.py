@@ -16,6 +16,7 @@ from rcnn import regions, voc
 from rcnn.families.rcnn import features, train_data, training
 from rcnn.boxes import box_iou
 from rcnn.crops import warp_crops
+from rcnn.detector import labelled_split_ap, postprocess_settings
 from rcnn.detectors import load_detector
 from rcnn.families.rcnn.features import crop_features
 from rcnn.families.rcnn.finetune import ProposalSampler, jitter_boxes
@@ -206,7 +207,9 @@ def _paper_params(**train_changes) -> Params:
 
 
 def test_fine_tuning_with_svms_and_hard_negatives_is_reproducible_and_detects(regions_dir, tmp_path):
-    params = _paper_params()
+    # The SVMs stay only where they beat the fine-tuned softmax head on validation AP: what is recorded must be
+    # what is saved.
+    params = _paper_params(classifier_choice="validation")
     root = regions_dir.parent / "VOC2007"
     outs = []
     for run in ("a", "b"):
@@ -221,13 +224,52 @@ def test_fine_tuning_with_svms_and_hard_negatives_is_reproducible_and_detects(re
     assert (outs[0] / "model.pt").read_bytes() == (outs[1] / "model.pt").read_bytes()
     assert metrics["pool_regions"] > metrics["regions_per_epoch"]
     final = metrics["final_classifier"]
-    assert final["classifier"] == "svm" and final["mined_per_round"][0] > 0 and final["pool_regions"] > 0
-    detector = load_detector(outs[0] / "model.pt", "cpu", score_threshold=0.0)
-    assert detector.meta["svm"]["weight"].shape == (3, 512) and detector.meta["bbox_regressor"] is not None
+    assert final["mined_per_round"][0] > 0 and final["pool_regions"] > 0 and final["choice"] == "validation"
+    softmax_ap, retrained_ap = final["val_ap_softmax_head"], final["val_ap_retrained"]
+    assert softmax_ap == {"map": round(metrics["val_map"], 6), "map07": round(metrics["val_map07"], 6)}
+    kept = "retrained" if retrained_ap["map"] > softmax_ap["map"] else "softmax head"
+    assert final["kept"] == kept and final["classifier"] == ("svm" if kept == "retrained" else "softmax")
+    detector = load_detector(outs[0] / "model.pt", "cpu", **postprocess_settings(params))
+    assert detector.meta["bbox_regressor"] is not None
+    assert (detector.meta["svm"] is not None) == (kept == "retrained")
+    if kept == "retrained":
+        assert detector.meta["svm"]["weight"].shape == (3, 512)
+    val_items = train_data.labelled_boxes(regions_dir, "val")
+    scored = labelled_split_ap(detector, [voc.image_path(root, item.image_id) for item in val_items], val_items,
+                               params.evaluate.max_proposals)
+    assert scored["map"] == pytest.approx((retrained_ap if kept == "retrained" else softmax_ap)["map"], abs=1e-6)
+    detector.score_threshold = 0.0
     image_id = voc.read_split(root, "val")[0]
     image = voc.read_image(voc.image_path(root, image_id))
     found = detector.detect(image, np.array([[5, 5, 60, 60], [10, 20, 90, 70]], np.float32))
     assert len(found.scores) > 0 and ((found.scores >= 0) & (found.scores <= 1)).all()
+
+
+def test_choice_on_validation_puts_the_softmax_head_back_when_retraining_scores_lower():
+    model = RegionClassifier("resnet18", len(CLASSES), hidden=8)
+    trained_head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    torch.nn.init.zeros_(model.head[3].weight)  # what retraining left in the head
+    svm = {"weight": torch.ones(3, 512), "bias": torch.zeros(3), "scale": torch.tensor(1.0)}
+    retrained = {"classifier": "svm", "hard_negative_rounds": 1}
+    scored = []
+
+    def val_ap(scored_model, scored_svm=None):
+        scored.append(scored_svm)
+        return {"map": 0.40, "map07": 0.41}
+
+    kept_svm, summary = training._keep_better_on_validation(model, svm, retrained, trained_head,
+                                                            {"map": 0.50, "map07": 0.49}, val_ap)
+    assert scored == [svm]  # the retrained classifier was scored as it is, SVMs included
+    assert kept_svm is None and summary["kept"] == "softmax head" and summary["classifier"] == "softmax"
+    assert summary["val_ap_softmax_head"] == {"map": 0.5, "map07": 0.49}
+    assert summary["val_ap_retrained"] == {"map": 0.4, "map07": 0.41} and summary["hard_negative_rounds"] == 1
+    assert all(torch.equal(v, trained_head[k]) for k, v in model.head.state_dict().items())
+
+    torch.nn.init.zeros_(model.head[3].weight)
+    kept_svm, summary = training._keep_better_on_validation(model, svm, retrained, trained_head,
+                                                            {"map": 0.30, "map07": 0.31}, val_ap)
+    assert kept_svm is svm and summary["kept"] == "retrained" and summary["classifier"] == "svm"
+    assert not model.head[3].weight.any()  # the retrained head stays
 
 
 def test_softmax_hard_negative_rounds_add_negatives_and_retrain_the_head(regions_dir, tmp_path):

@@ -144,6 +144,9 @@ class TrainParams:
     box_jitter: float = field(default=0.0, metadata=_range(0, 0.5))
     hard_negative_rounds: int = field(default=0, metadata=_range(0, 10))
     svm_c: float = field(default=0.001, metadata=_range(0, lo_open=True))
+    # R-CNN: keep the retrained classifier (SVMs, hard negatives) as configured, or only where it beats the softmax
+    # head on validation AP
+    classifier_choice: Literal["configured", "validation"] = "configured"
 
 
 @dataclass(frozen=True)
@@ -327,10 +330,12 @@ def _check_consistency(p: Params) -> None:
     if p.proposals.scheduler is not None and p.proposals.backend != "dask":
         raise ParamError(f"proposals.scheduler = {p.proposals.scheduler!r} is only used with proposals.backend = "
                          f"'dask' (it is {p.proposals.backend!r}): set the backend or the scheduler to null")
-    if p.model.arch != "rcnn" and (p.model.classifier != "softmax" or p.train.hard_negative_rounds):
-        raise ParamError(f"model.classifier = {p.model.classifier!r} and train.hard_negative_rounds = "
-                         f"{p.train.hard_negative_rounds} are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its softmax head "
-                         f"end to end and would ignore them; set them to 'softmax' and 0, or model.arch = 'rcnn'")
+    if p.model.arch != "rcnn" and (p.model.classifier != "softmax" or p.train.hard_negative_rounds
+                                   or p.train.classifier_choice != "configured"):
+        raise ParamError(f"model.classifier = {p.model.classifier!r}, train.hard_negative_rounds = "
+                         f"{p.train.hard_negative_rounds} and train.classifier_choice = {p.train.classifier_choice!r} "
+                         f"are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its softmax head end to end and would ignore "
+                         f"them; set them to 'softmax', 0 and 'configured', or model.arch = 'rcnn'")
     if p.model.feature_stride == 16 and not p.model.roi_channels:
         raise ParamError("model.feature_stride = 16 needs model.roi_channels > 0: the stride-16 and stride-32 maps "
                          "are added after both are reduced to roi_channels channels")

@@ -23,6 +23,7 @@ from rcnn.params import Params
 from rcnn.region_boxes import ImageBoxes, load_boxes
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+ValidationAP = Callable[..., dict[str, float]]  # (model, svm=None, regressor=None) -> {"map", "map07"} on validation
 VAL_AP_IMAGES = 250  # fine-tuning's validation AP scores at most the first 250 validation images (full VOC val: 2,510)
 
 
@@ -37,7 +38,7 @@ class TrainData:
     val_size: int
     batch_size: int
     head_only: bool  # only the head learns (the logits come from cached features)
-    val_ap: Callable[[RegionClassifier], dict[str, float]] | None = None  # selects the best epoch when set
+    val_ap: ValidationAP | None = None  # selects the best epoch when set
     generator: torch.Generator | None = None  # the shuffling state carried from epoch to epoch, if any
 
     @property
@@ -68,20 +69,38 @@ def cached_feature_data(train: dict[str, np.ndarray], val: dict[str, np.ndarray]
                      len(y_train), len(y_val), batch_size, head_only=True, generator=generator)
 
 
-def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path, params: Params,
-                  device: torch.device) -> TrainData:
-    """Fine-tuning batches: fresh proposal samples each epoch (several draws an epoch where one would not
-    reach ``train.min_steps``). Validation: the loss on the regions stage's
-    fixed sample of the validation split, and detection AP, which picks the best epoch (the loss alone
-    favours early, under-trained epochs). The AP is the evaluate stage's: its post-processing, its
-    ``evaluate.max_proposals`` and, with ``model.bbox_regression``, a box regressor fitted to the epoch's
-    backbone as the final one will be; only the images are capped, to the first :data:`VAL_AP_IMAGES`."""
-    index = regions.read_index(regions_dir)
+def validation_ap(regions_dir: str | Path, root: Path, params: Params, device: torch.device) -> ValidationAP:
+    """Detection AP on the validation split, the evaluate stage's way: its post-processing, its
+    ``evaluate.max_proposals`` and, with ``model.bbox_regression``, a box regressor fitted to the model's
+    backbone as the final one will be; only the images are capped, to the first :data:`VAL_AP_IMAGES`.
+    The returned function scores a model with its softmax head, or with ``svm`` where given, and with
+    ``regressor`` where the caller has already fitted it to this backbone."""
+    settings = regions.region_settings(regions_dir)
     val_split, batch = params.data.val_split, params.train.feature_batch_size
     val_items = labelled_boxes(regions_dir, val_split)[:VAL_AP_IMAGES]
     warn_if_unscorable(val_items, val_split)
     val_paths = [voc.image_path(root, item.image_id) for item in val_items]
-    meta = {"classes": list(params.classes), "crop_size": sampler.regions.crop_size, "context": sampler.regions.context}
+    meta = {"classes": list(params.classes), "crop_size": settings.crop_size, "context": settings.context}
+
+    def val_ap(model: RegionClassifier, svm: dict[str, torch.Tensor] | None = None,
+               regressor: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        if regressor is None and params.model.bbox_regression:
+            regressor = box_regressor(model, regions_dir, params, device)
+        detector = RCNNDetector(model, {**meta, "bbox_regressor": regressor, "svm": svm}, device, batch_size=batch,
+                                **postprocess_settings(params))
+        return labelled_split_ap(detector, val_paths, val_items, params.evaluate.max_proposals)
+
+    return val_ap
+
+
+def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path, params: Params,
+                  device: torch.device) -> TrainData:
+    """Fine-tuning batches: fresh proposal samples each epoch (several draws an epoch where one would not
+    reach ``train.min_steps``). Validation: the loss on the regions stage's fixed sample of the validation
+    split, and detection AP (:func:`validation_ap`), which picks the best epoch (the loss alone favours early,
+    under-trained epochs)."""
+    index = regions.read_index(regions_dir)
+    val_split, batch = params.data.val_split, params.train.feature_batch_size
 
     def val_batches() -> Iterator[Batch]:
         for shard in regions.iter_shards(regions_dir, val_split):
@@ -92,12 +111,6 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
     def logits(model: RegionClassifier, crops: torch.Tensor) -> torch.Tensor:
         with inference_autocast(device):  # bf16 where native: about 1.5x the fp32 step on this CPU
             return model(preprocess(crops, device))
-
-    def val_ap(model: RegionClassifier) -> dict[str, float]:
-        regressor = box_regressor(model, regions_dir, params, device) if params.model.bbox_regression else None
-        detector = RCNNDetector(model, {**meta, "bbox_regressor": regressor}, device, batch_size=batch,
-                            **postprocess_settings(params))
-        return labelled_split_ap(detector, val_paths, val_items, params.evaluate.max_proposals)
 
     # A small training set repeats the sampler's draw within an epoch until train.min_steps is in reach.
     t = params.train
@@ -110,7 +123,8 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
             yield from sampler.epoch((epoch - 1) * draws + draw + 1)
 
     return TrainData(train_batches, val_batches, logits, sampler.regions_per_epoch * draws,
-                     int(index["splits"][val_split]["regions"]), t.batch_size, head_only=False, val_ap=val_ap)
+                     int(index["splits"][val_split]["regions"]), t.batch_size, head_only=False,
+                     val_ap=validation_ap(regions_dir, root, params, device))
 
 
 def box_regressor(model: RegionClassifier, regions_dir: str | Path, params: Params,

@@ -6,7 +6,9 @@ last ``trainable_layers`` backbone units are fine-tuned end to end on crops warp
 from proposals drawn afresh every epoch (:mod:`rcnn.families.rcnn.finetune`), frozen units' BatchNorm kept in
 eval mode, bfloat16 autocast where the hardware has it. Then the final classifier: the softmax
 head, or per-class SVMs (:mod:`rcnn.families.rcnn.svm`), retrained over ``train.hard_negative_rounds`` rounds of
-hard-negative mining (:mod:`rcnn.families.rcnn.hard_negatives`); then box regression on the final features.
+hard-negative mining (:mod:`rcnn.families.rcnn.hard_negatives`), kept as configured or, with
+``train.classifier_choice: validation``, only where it beats the softmax head on validation AP; then box
+regression on the final features.
 
 Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
 loss (or AP, when fine-tuning) with the best state kept, scored from the epoch ``train.val_start`` sets on;
@@ -19,6 +21,7 @@ stops instead, and ``metrics/train.json`` reports each class's foreground accura
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import tempfile
 import time
@@ -46,7 +49,8 @@ from rcnn.params import Params, to_dict
 from rcnn.region_boxes import ImageBoxes
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.families.rcnn.svm import fit_svms, svm_margins
-from rcnn.families.rcnn.train_data import TrainData, cached_feature_data, finetune_data, labelled_boxes
+from rcnn.families.rcnn.train_data import (TrainData, ValidationAP, cached_feature_data, finetune_data, labelled_boxes,
+                                           validation_ap)
 
 METRIC_NAMES = ("loss", "accuracy", "fg_accuracy")
 
@@ -212,6 +216,23 @@ def fit_classifier(model: RegionClassifier, train: dict[str, np.ndarray], val: d
     return svm, summary
 
 
+def _keep_better_on_validation(model: RegionClassifier, svm: dict[str, torch.Tensor] | None, classifier: dict[str, Any],
+                               softmax_head: dict[str, torch.Tensor], softmax_ap: dict[str, float],
+                               val_ap: ValidationAP) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """``train.classifier_choice: validation``: the retrained classifier (SVMs, hard negatives) stays only where
+    its validation AP (all-point, as the best epoch is chosen) beats the softmax head it started from; else
+    that head is put back. Both APs and the choice go into ``classifier``."""
+    retrained_ap = val_ap(model, svm)
+    keep = retrained_ap["map"] > softmax_ap["map"]
+    choice = {"choice": "validation", "kept": "retrained" if keep else "softmax head",
+              "val_ap_softmax_head": {k: round(v, 6) for k, v in softmax_ap.items()},
+              "val_ap_retrained": {k: round(v, 6) for k, v in retrained_ap.items()}}
+    if keep:
+        return svm, {**classifier, **choice}
+    model.head.load_state_dict(softmax_head)
+    return None, {**classifier, **choice, "classifier": "softmax"}
+
+
 def _object_scores(model: RegionClassifier, svm: dict[str, torch.Tensor] | None, feats: np.ndarray,
                    device: torch.device) -> np.ndarray:
     """The highest object-class score of each feature row (SVM margin or softmax probability)."""
@@ -258,8 +279,11 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
     model = build_model(params).to(device)
     m, t = params.model, params.train
     train_split, val_split = params.data.train_split, params.data.val_split
-    # Fine-tuning and mining warp crops of any proposal of the training images from the images themselves.
-    reads_images = not model.frozen or t.hard_negative_rounds > 0
+    # Fine-tuning and mining warp crops of any proposal of the training images from the images themselves;
+    # choosing the classifier on validation AP detects on the validation images.
+    retrains = m.classifier == "svm" or t.hard_negative_rounds > 0
+    chooses = retrains and t.classifier_choice == "validation"
+    reads_images = not model.frozen or t.hard_negative_rounds > 0 or chooses
     root = voc.find_voc_root(voc_dir) if reads_images else Path(voc_dir)
     items = labelled_boxes(regions_dir, train_split) if reads_images else []
     extra: dict[str, Any] = {}
@@ -288,14 +312,24 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
             # The final backbone's features of the regions stage's samples.
             train = features_mod.split_features(model, regions_dir, train_split, device, t.feature_batch_size)
             val = features_mod.split_features(model, regions_dir, val_split, device, t.feature_batch_size)
-        svm, classifier = None, {"classifier": m.classifier, "hard_negative_rounds": 0}
-        if m.classifier == "svm" or t.hard_negative_rounds:
-            svm, classifier = fit_classifier(model, train, val, params, device, live, root, items, regions_dir)
-        regressor = None
+        regressor = None  # fitted on the final backbone's features; the classifier does not change it
         if m.bbox_regression:
             regressor = fit_box_regressor(train["features"], train["labels"], train["boxes"], train["gt_boxes"],
                                           train["ious"], params.num_classes, min_iou=t.bbox_iou,
                                           ridge_lambda=t.bbox_lambda)
+        svm, classifier = None, {"classifier": m.classifier, "hard_negative_rounds": 0}
+        if retrains:
+            val_ap = None
+            if chooses:
+                scorer = data.val_ap or validation_ap(regions_dir, root, params, device)
+                val_ap = functools.partial(scorer, regressor=regressor)
+            # The softmax head as trained: the best epoch's validation AP where fine-tuning scored it.
+            softmax_ap = ({"map": summary["val_map"], "map07": summary["val_map07"]} if data.val_ap
+                          else val_ap(model) if val_ap else None)
+            softmax_head = copy.deepcopy(model.head.state_dict())
+            svm, classifier = fit_classifier(model, train, val, params, device, live, root, items, regions_dir)
+            if val_ap is not None:
+                svm, classifier = _keep_better_on_validation(model, svm, classifier, softmax_head, softmax_ap, val_ap)
         # Checked, saved and written inside the block: the curves land only with the model they describe.
         trained = _final_tally(model, svm, train, params.num_classes, device)
         collapsed = check_not_collapsed(
@@ -309,7 +343,7 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                        val_fg_accuracy_overall=validated.fg_accuracy())
         meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
                 "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
-                "classifier": m.classifier, "svm": svm, "best_epoch": summary["best_epoch"]}
+                "classifier": classifier["classifier"], "svm": svm, "best_epoch": summary["best_epoch"]}
         save_checkpoint(model_path, model.cpu(), meta)
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
         metrics["final_classifier"] = classifier
