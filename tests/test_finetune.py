@@ -274,7 +274,9 @@ def test_choice_on_validation_puts_the_softmax_head_back_when_retraining_scores_
 
 def test_softmax_hard_negative_rounds_add_negatives_and_retrain_the_head(regions_dir, tmp_path):
     # A one-epoch head on random-weight features: mining is what is tested, kept even if it learned nothing yet.
-    params = dataclasses.replace(_paper_params(hard_negative_rounds=2, allow_collapse=True),
+    # Frozen, the softmax head's validation AP is measured before mining, so the choice can be made.
+    params = dataclasses.replace(_paper_params(hard_negative_rounds=2, allow_collapse=True,
+                                               classifier_choice="validation"),
                                  model=ModelParams(backbone="resnet18", weights="none", hidden=32))
     features_dir = tmp_path / "features"
     features.run_features_stage(params, regions_dir, features_dir)
@@ -282,6 +284,8 @@ def test_softmax_hard_negative_rounds_add_negatives_and_retrain_the_head(regions
                                        tmp_path / "train.json", tmp_path / "dvclive", regions_dir.parent / "VOC2007")
     final = metrics["final_classifier"]
     assert final["classifier"] == "softmax" and len(final["mined_per_round"]) == 2
+    retrained_better = final["val_ap_retrained"]["map"] > final["val_ap_softmax_head"]["map"]
+    assert final["kept"] == ("retrained" if retrained_better else "softmax head")
     assert all(n > 0 for n in final["mined_per_round"]) and "refit_val_loss" in final
     items = _items(regions_dir)
     per_image = regions.region_settings(regions_dir).max_boxes
