@@ -319,13 +319,13 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                                           ridge_lambda=t.bbox_lambda)
         svm, classifier = None, {"classifier": m.classifier, "hard_negative_rounds": 0}
         if retrains:
-            val_ap = None
+            val_ap = softmax_ap = None
             if chooses:
                 scorer = data.val_ap or validation_ap(regions_dir, root, params, device)
                 val_ap = functools.partial(scorer, regressor=regressor)
-            # The softmax head as trained: the best epoch's validation AP where fine-tuning scored it.
-            softmax_ap = ({"map": summary["val_map"], "map07": summary["val_map07"]} if data.val_ap
-                          else val_ap(model) if val_ap else None)
+                # The softmax head as trained: the best epoch's validation AP where fine-tuning scored it.
+                softmax_ap = ({"map": summary["val_map"], "map07": summary["val_map07"]} if data.val_ap
+                              else val_ap(model))
             softmax_head = copy.deepcopy(model.head.state_dict())
             svm, classifier = fit_classifier(model, train, val, params, device, live, root, items, regions_dir)
             if val_ap is not None:
