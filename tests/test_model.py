@@ -124,20 +124,22 @@ def test_frozen_backbone_stays_in_eval_mode_and_never_changes():
     assert not all(torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
 
 
-def test_partly_trainable_backbone_trains_only_its_last_units_and_their_batchnorm():
+def test_partly_trainable_backbone_trains_only_its_last_units_and_keeps_batchnorm_statistics():
     torch.manual_seed(0)
     model = RegionClassifier("resnet18", num_classes=3, hidden=16, trainable_layers=1)
     assert not model.frozen
     before = _bn_state(model.backbone)
     model.train()
-    assert model.backbone.layer4.training and all(m.training for m in model.backbone.layer4.modules())
-    assert not any(m.training for m in model.backbone.layer3.modules())
-    assert not model.backbone.bn1.training
+    assert model.training and model.head.training
+    assert not any(m.training for m in model.backbone.modules())  # BatchNorm normalises with its statistics
+    assert all(p.requires_grad for p in model.backbone.layer4.parameters())
+    assert not any(p.requires_grad for p in model.backbone.layer3.parameters())
     _one_step(model)
     after = model.backbone.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("layer4.") for k in changed)
-    assert "layer4.0.bn1.running_mean" in changed
+    assert "layer4.0.bn1.weight" in changed and "layer4.0.conv1.weight" in changed
+    assert not any("running_" in k for k in changed)
 
 
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone():
