@@ -124,22 +124,42 @@ def test_frozen_backbone_stays_in_eval_mode_and_never_changes():
     assert not all(torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
 
 
-def test_partly_trainable_backbone_trains_only_its_last_units_and_keeps_batchnorm_statistics():
-    torch.manual_seed(0)
-    model = RegionClassifier("resnet18", num_classes=3, hidden=16, trainable_layers=1)
-    assert not model.frozen
+def _changed_after_one_step(model: RegionClassifier) -> set[str]:
     before = _bn_state(model.backbone)
+    _one_step(model)
+    after = model.backbone.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_pretrained_backbone_fine_tunes_its_last_units_and_keeps_batchnorm_statistics(tmp_path):
+    torch.save(_random_torchvision("resnet18").state_dict(), tmp_path / "resnet18.pth")
+    torch.manual_seed(0)
+    model = RegionClassifier("resnet18", num_classes=3, weights=str(tmp_path / "resnet18.pth"), hidden=16,
+                             trainable_layers=1)
+    assert not model.frozen
     model.train()
     assert model.training and model.head.training
     assert not any(m.training for m in model.backbone.modules())  # BatchNorm normalises with its statistics
     assert all(p.requires_grad for p in model.backbone.layer4.parameters())
     assert not any(p.requires_grad for p in model.backbone.layer3.parameters())
-    _one_step(model)
-    after = model.backbone.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = _changed_after_one_step(model)
     assert changed and all(k.startswith("layer4.") for k in changed)
     assert "layer4.0.bn1.weight" in changed and "layer4.0.conv1.weight" in changed
     assert not any("running_" in k for k in changed)
+
+
+def test_random_backbone_learns_batchnorm_statistics_in_its_trainable_units_only():
+    torch.manual_seed(0)
+    model = RegionClassifier("resnet18", num_classes=3, hidden=16, trainable_layers=1)  # weights "none"
+    model.train()
+    assert model.backbone.layer4.training and all(m.training for m in model.backbone.layer4.modules())
+    assert not any(m.training for m in model.backbone.layer3.modules())
+    assert not model.backbone.bn1.training
+    changed = _changed_after_one_step(model)
+    assert changed and all(k.startswith("layer4.") for k in changed)
+    assert "layer4.0.bn1.running_mean" in changed
+    model.eval()
+    assert not any(m.training for m in model.modules())
 
 
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone():

@@ -23,10 +23,12 @@ from rcnn.errors import RcnnError
 class RegionClassifier(nn.Module):
     """Backbone + head; logits over ``num_classes + 1`` outputs (index 0 is background).
 
-    The last ``trainable_layers`` backbone units are trainable, the rest frozen. The whole backbone is
-    kept in eval mode by :meth:`train`: every BatchNorm keeps its pre-trained statistics, because
-    re-estimating them from batches of crops made validation AP swing by up to 12 points from one
-    epoch to the next on kangaroo (docs/experiments.md); trainable units still learn their weights.
+    The last ``trainable_layers`` backbone units are trainable, the rest frozen and kept in eval mode by
+    :meth:`train`. With pre-trained weights the trainable units stay in eval mode too: every BatchNorm
+    keeps its pre-trained statistics, because re-estimating them from batches of crops made validation
+    AP swing by up to 12 points from one epoch to the next on kangaroo (docs/experiments.md), while their
+    weights still learn. A randomly initialised backbone (``weights="none"``) has no statistics worth
+    keeping, so there the trainable units' BatchNorm learns them.
     """
 
     def __init__(self, backbone: str, num_classes: int, weights: str = "none", hidden: int = 512,
@@ -40,9 +42,11 @@ class RegionClassifier(nn.Module):
                             f"it has {len(units)} units")
         self.trainable_layers = trainable_layers
         self.backbone.requires_grad_(False)
-        for unit in units[len(units) - trainable_layers:]:
-            for module in unit:
-                module.requires_grad_(True)
+        trained = [module for unit in units[len(units) - trainable_layers:] for module in unit]
+        for module in trained:
+            module.requires_grad_(True)
+        # The units whose BatchNorm re-estimates its statistics in train mode: none with pre-trained weights.
+        self._learning_statistics = trained if weights == "none" else []
         # The tutorial's head (no non-linearity between the two linear layers).
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, hidden), nn.Dropout(dropout),
                                   nn.Linear(hidden, num_classes + 1))
@@ -54,9 +58,12 @@ class RegionClassifier(nn.Module):
         return self.trainable_layers == 0
 
     def train(self, mode: bool = True) -> "RegionClassifier":
-        """Like nn.Module.train, but the backbone always stays in eval mode (fixed BatchNorm statistics)."""
+        """Like nn.Module.train, but the backbone stays in eval mode (fixed BatchNorm statistics), except
+        a randomly initialised backbone's trainable units."""
         super().train(mode)
         self.backbone.eval()
+        for module in self._learning_statistics:
+            module.train(mode)
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
