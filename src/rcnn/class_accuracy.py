@@ -4,7 +4,8 @@ A detector that has learned to call every region background keeps a modest loss 
 overall accuracy (background is most of every sample), so neither number shows the collapse;
 the share of each class's regions classified as that class does. Both families report it for
 training and validation data (``train_fg_accuracy.<class>``, ``val_fg_accuracy.<class>`` in
-``metrics/train.json``) and refuse to save a model that learned no foreground.
+``metrics/train.json``), refuse to save a model that learned no foreground at all, and name the
+classes a saved model learned nothing of (``unlearned_classes``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import numpy as np
 import torch
 
 from rcnn.errors import RcnnError
-
-COLLAPSE_MIN_OBJECTS = 20  # a class with this many training objects must have learned something
-
 
 class ClassTally:
     """Regions seen and regions classified correctly, per label (0 is background)."""
@@ -63,29 +61,42 @@ def check_training_objects(objects: np.ndarray, classes: Sequence[str], split: s
                       f"learn {'it' if len(missing) == 1 else 'them'}", RuntimeWarning, stacklevel=2)
 
 
-def collapse(tally: ClassTally, classes: Sequence[str], objects: np.ndarray,
-             min_objects: int = COLLAPSE_MIN_OBJECTS) -> str | None:
-    """What collapsed, if the model classifies no foreground region of its training data correctly, overall
-    or for a class with at least ``min_objects`` training objects; None for a healthy model."""
+def unlearned_classes(tally: ClassTally, classes: Sequence[str], objects: np.ndarray) -> list[dict]:
+    """The classes with training objects of which the model classifies no training region as that class:
+    ``{"class", "train_objects", "train_fg_accuracy"}`` each, in class order."""
+    return [{"class": name, "train_objects": int(objects[i]), "train_fg_accuracy": 0.0}
+            for i, name in enumerate(classes, start=1) if objects[i] and tally.seen[i] and tally.correct[i] == 0]
+
+
+def total_collapse(tally: ClassTally) -> str | None:
+    """What collapsed, if the model classifies no foreground region of its training data correctly (it learned
+    no class at all); None otherwise."""
     if tally.seen[1:].sum() and tally.correct[1:].sum() == 0:
         return (f"training collapsed: the trained model classifies none of the {int(tally.seen[1:].sum())} "
                 f"foreground regions of its own training data correctly (it calls everything background)")
-    failed = [f"{name} ({int(objects[i])} objects)" for i, name in enumerate(classes, start=1)
-              if objects[i] >= min_objects and tally.seen[i] and tally.correct[i] == 0]
-    if failed:
-        return (f"training collapsed for {', '.join(failed)}: the trained model classifies none of "
-                f"{'that class' if len(failed) == 1 else 'those classes'}' training regions correctly")
     return None
 
 
-def check_not_collapsed(tally: ClassTally, classes: Sequence[str], objects: np.ndarray, advice: str,
-                        allow: bool = False) -> str | None:
-    """One error naming what collapsed and ``advice`` (what to change); with ``allow``
-    (``train.allow_collapse``, for smoke tests of the plumbing) a warning instead. Returns what collapsed."""
-    problem = collapse(tally, classes, objects)
+def check_trained(tally: ClassTally, classes: Sequence[str], objects: np.ndarray, advice: str,
+                  allow: bool = False) -> tuple[str | None, list[dict]]:
+    """The collapse check: one error naming ``advice`` (what to change) if the model learned no class at all
+    (with ``allow``, ``train.allow_collapse``, a warning and the model kept); one warning naming the classes it
+    learned no foreground of, whose model is still worth saving (VOC has hard classes: a model useful on 17 of
+    18 classes is not thrown away for the 18th). Returns the total collapse (or None) and the unlearned
+    classes (:func:`unlearned_classes`)."""
+    problem = total_collapse(tally)
     if problem and not allow:
         raise RcnnError(f"{problem}, so it was not saved; {advice} (a smoke test that only needs the files can "
                         f"set train.allow_collapse=true)")
     if problem:
         warnings.warn(f"{problem}; kept because train.allow_collapse is true", RuntimeWarning, stacklevel=2)
-    return problem
+    unlearned = unlearned_classes(tally, classes, objects)
+    if unlearned and not problem:
+        named = ", ".join(f"{c['class']} ({c['train_objects']} training objects)" for c in unlearned)
+        one = len(unlearned) == 1
+        learned = int(np.count_nonzero(objects[1:len(classes) + 1])) - len(unlearned)
+        warnings.warn(f"the model learned {learned} of {len(classes)} classes but no foreground of {named}: it will detect little or none of {'it' if one else 'them'} "
+                      f"(unlearned_classes in the train metrics, per-class AP in the evaluate metrics); the model is "
+                      f"saved; to try: more photos of {'it' if one else 'them'}, {advice}", RuntimeWarning,
+                      stacklevel=2)
+    return problem, unlearned

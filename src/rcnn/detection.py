@@ -84,7 +84,8 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
     seconds = time.perf_counter() - start
     detections = {i: found.get(i, Detections.empty()) for i in ids}
     by_id = {a.image_id: a for a in annotations}
-    recall = proposal_recall(scored_rois, [by_id[i].boxes[~by_id[i].difficult] for i in run_ids])
+    recall = proposal_recall(scored_rois, [by_id[i].boxes[~by_id[i].difficult] for i in run_ids],
+                             [by_id[i].labels[~by_id[i].difficult] for i in run_ids], classes)
     result = evaluate_detections(detections, annotations, classes)
     with atomic_dir(detections_dir) as tmp:
         write_voc_results(tmp, e.split, classes, detections)
@@ -108,6 +109,8 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
         "mean_proposals_per_image": float(np.mean([len(r) for r in scored_rois])) if scored_rois else 0.0,
         # the regions the detector scored: the first evaluate.max_proposals of selective search, or the RPN's
         "proposal_recall": {"source": "selective_search" if detector.takes_proposals else "learned", **recall},
+        # classes the train stage saw learn no foreground (their AP above is near 0: a classification failure)
+        "unlearned_classes": list(detector.meta.get("unlearned_classes", [])),
         "seconds_per_image": round(seconds / max(len(run_ids), 1), 4),
         "time": {**detector.timings.as_dict(), "total": round(seconds, 3)},
         "device": str(detector.device),

@@ -25,6 +25,7 @@ from rcnn.boxes import INCLUSIVE_SHIFT
 from rcnn.errors import RcnnError
 from rcnn.evaluation import Detections, evaluate_detections
 from rcnn.params import Params
+from rcnn.proposals import proposal_recall
 from rcnn.region_boxes import ImageBoxes
 
 
@@ -116,20 +117,49 @@ def postprocess_settings(params: Params) -> dict[str, float]:
 
 
 def labelled_split_ap(detector: Detector, paths: Sequence[Path], items: Sequence[ImageBoxes],
-                      max_proposals: int | None = None) -> dict[str, float]:
+                      max_proposals: int | None = None, with_proposal_recall: bool = False) -> dict:
     """AP and AP07 of ``detector`` on the images at ``paths`` whose proposals and ground truth the regions
     stage stored in ``items`` (each image's first ``max_proposals`` proposals; all when None): the training
     loops' validation AP, with ``detector`` set up by :func:`postprocess_settings` and ``max_proposals`` =
     ``evaluate.max_proposals``, as the evaluate stage scores. An unreadable image counts with no
-    detections (training warned about it)."""
-    found = {}
+    detections (training warned about it). ``with_proposal_recall`` adds the per-class recall of the regions
+    the detector scored (``proposal_recall``)."""
+    found, rois = {}, []
     for path, item in zip(paths, items):
         try:
             found[item.image_id] = detector.detect(voc.read_image(path), item.proposals[:max_proposals])
         except RcnnError:
+            rois.append(np.zeros((0, 4), np.float32))
             continue
+        rois.append(detector.last_rois if detector.last_rois is not None else item.proposals[:max_proposals])
     result = evaluate_detections(found, [item.annotation() for item in items], detector.classes)
-    return {"map": _finite(result.map), "map07": _finite(result.map07)}
+    out: dict = {"map": _finite(result.map), "map07": _finite(result.map07)}
+    if with_proposal_recall:
+        out["proposal_recall"] = items_proposal_recall(items, rois, detector.classes)
+    return out
+
+
+def items_proposal_recall(items: Sequence[ImageBoxes], rois: Sequence[np.ndarray], classes: Sequence[str]) -> dict:
+    """Per-class recall of ``rois`` (one array per item) over the items' non-difficult ground truth."""
+    keep = [~item.gt_difficult for item in items]
+    return proposal_recall(rois, [item.gt_boxes[k] for item, k in zip(items, keep)],
+                           [item.gt_labels[k] for item, k in zip(items, keep)], classes)
+
+
+def scored_regions_recall(detector: Detector, paths: Sequence[Path], items: Sequence[ImageBoxes],
+                          max_proposals: int | None = None) -> dict:
+    """Per-class recall of the regions ``detector`` scores on these images: the stored proposals' first
+    ``max_proposals`` for a detector that takes proposals (no model run), else its own (run once per image)."""
+    if detector.takes_proposals:
+        return items_proposal_recall(items, [item.proposals[:max_proposals] for item in items], detector.classes)
+    rois = []
+    for path, item in zip(paths, items):
+        try:
+            detector.detect(voc.read_image(path), None)
+            rois.append(detector.last_rois)
+        except RcnnError:
+            rois.append(np.zeros((0, 4), np.float32))
+    return items_proposal_recall(items, rois, detector.classes)
 
 
 def warn_if_unscorable(items: Sequence[ImageBoxes], split: str) -> None:

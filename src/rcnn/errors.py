@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable
 
 
@@ -15,8 +16,15 @@ class ParamError(RcnnError):
     """An invalid value in params.yaml."""
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a stage or CLI main function, turning user errors into one line on stderr and exit code 2."""
+    """Run a stage or CLI main function, turning user errors into one line on stderr and exit code 2, and
+    warnings into one ``warning:`` line each (no source file and line: they are about the user's data)."""
+    warnings.formatwarning = _one_line_warning
     try:
         main()
     except RcnnError as err:

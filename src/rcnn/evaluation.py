@@ -27,7 +27,7 @@ import numpy as np
 
 from rcnn.boxes import box_iou
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_path, load_npz, write_json
+from rcnn.fileio import atomic_path, load_npz, safe_name, write_json
 from rcnn.voc import Annotation
 
 
@@ -195,7 +195,7 @@ def evaluate_detections(detections: Mapping[str, Detections], annotations: Seque
 
 def results_file(out_dir: str | Path, split: str, class_name: str) -> Path:
     """Official VOC results file name of one class."""
-    return Path(out_dir) / f"comp4_det_{split}_{class_name}.txt"
+    return Path(out_dir) / safe_name(f"comp4_det_{split}_{class_name}.txt")
 
 
 def write_voc_results(out_dir: str | Path, split: str, classes: Sequence[str],
@@ -318,7 +318,7 @@ def write_pr_curves(out_dir: str | Path, result: EvalResult, max_points: int = 2
         recall, precision = downsample_curve(c.recall, c.precision, max_points)
         rows = [{"recall": round(float(r), 6), "precision": round(float(p), 6)}
                 for r, p in zip(recall, precision)]
-        path = Path(out_dir) / f"{c.name}.json"
+        path = Path(out_dir) / safe_name(f"{c.name}.json")
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(rows) + "\n")
         paths.append(path)

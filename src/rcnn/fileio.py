@@ -1,5 +1,6 @@
-"""Atomic writes and safe loading: an interrupted stage never leaves a file that looks complete,
-and nothing loaded from disk can run code."""
+"""Atomic writes, safe loading and contained paths: an interrupted stage never leaves a file that looks
+complete, nothing loaded from disk can run code, and no name taken from a data set (a file name, a folder,
+a class name) reads or writes outside where it belongs."""
 
 from __future__ import annotations
 
@@ -24,6 +25,27 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def contained(root: str | Path, named: str, what: str, base: str | Path | None = None) -> Path:
+    """``base / named`` (``base`` defaults to ``root``) if it stays inside ``root`` once ``..`` and links are
+    resolved, else one error naming ``what`` (e.g. "annotations.json: image 3 file_name"), whether or not the
+    file exists (no probing for files elsewhere): the one rule for every path a data set names (COCO
+    ``file_name``, YOLO ``path`` and split folders, archive members). Absolute names are refused too."""
+    where = Path(root).resolve()
+    path = Path(base if base is not None else root) / named
+    resolved = path.resolve()
+    if Path(named).is_absolute() or (resolved != where and where not in resolved.parents):
+        raise RcnnError(f"{what} {named!r} lies outside the data set; name files inside its folder")
+    return path
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one file name that stays in its folder: path separators and control characters become
+    ``_``, and ``.``/``..`` (or an empty name) become ``_`` too; for file names built from class names and
+    image ids."""
+    cleaned = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in text)
+    return "_" if cleaned in ("", ".", "..") else cleaned
 
 
 @contextlib.contextmanager

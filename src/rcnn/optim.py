@@ -26,12 +26,18 @@ STEP_AT = 2 / 3  # the step schedule divides the rate by 10 after this fraction 
 STEP_FACTOR = 0.1
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], t: TrainParams) -> torch.optim.Optimizer:
-    """Adam or SGD over ``parameters`` (only those that require gradients)."""
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], t: TrainParams,
+                    backbone: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """Adam or SGD over ``parameters`` (only those that require gradients); those also in ``backbone`` (the
+    pre-trained ones) learn at ``train.backbone_lr`` times ``train.lr``."""
+    pretrained = {id(p) for p in backbone} if t.backbone_lr != 1.0 else set()
     trainable = [p for p in parameters if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in pretrained], "lr": t.lr},
+              {"params": [p for p in trainable if id(p) in pretrained], "lr": t.lr * t.backbone_lr}]
+    groups = [g for g in groups if g["params"]]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, steps_per_epoch: int, t: TrainParams) -> float:

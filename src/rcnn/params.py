@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rcnn.errors import ParamError
+from rcnn.fileio import safe_name
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -147,6 +148,13 @@ class TrainParams:
     # R-CNN: keep the retrained classifier (SVMs, hard negatives) as configured, or only where it beats the softmax
     # head on validation AP
     classifier_choice: Literal["configured", "validation"] = "configured"
+    # Fast/Faster R-CNN with few photos per class (issue 35): repeat-factor sampling as in LVIS (an image holding a
+    # class that a share f of the training images hold is drawn max(1, sqrt(repeat_threshold / f)) times as often;
+    # 0 is off), the pre-trained backbone's rate as a multiple of lr, and class scores that start at the sampled
+    # RoIs' class shares instead of uniform
+    repeat_threshold: float = field(default=0.0, metadata=_range(0, 1))
+    backbone_lr: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
+    prior_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,10 @@ def _check_consistency(p: Params) -> None:
         raise ParamError("classes = [] is invalid: expected at least one object class name")
     if len(set(p.classes)) != len(p.classes) or "background" in p.classes:
         raise ParamError(f"classes = {p.classes!r} is invalid: names must be unique and not 'background'")
+    for index, name in enumerate(p.classes):  # names become file names (results, PR curves): keep them plain
+        if safe_name(name) != name or name != name.strip() or not name:
+            raise ParamError(f"classes[{index}] = {name!r} is invalid: class names may not contain '/', '\\' or "
+                             f"control characters, be '.' or '..', or begin or end with a space")
     for key, split in (("data.train_split", p.data.train_split), ("data.val_split", p.data.val_split),
                        ("evaluate.split", p.evaluate.split)):
         if split not in SPLITS:
@@ -336,6 +348,11 @@ def _check_consistency(p: Params) -> None:
                          f"{p.train.hard_negative_rounds} and train.classifier_choice = {p.train.classifier_choice!r} "
                          f"are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its softmax head end to end and would ignore "
                          f"them; set them to 'softmax', 0 and 'configured', or model.arch = 'rcnn'")
+    if p.model.arch == "rcnn" and (p.train.repeat_threshold or p.train.backbone_lr != 1.0 or p.train.prior_init):
+        raise ParamError(f"train.repeat_threshold = {p.train.repeat_threshold}, train.backbone_lr = "
+                         f"{p.train.backbone_lr} and train.prior_init = {str(p.train.prior_init).lower()} are Fast and "
+                         f"Faster R-CNN's: R-CNN would ignore them; set them to 0.0, 1.0 and false, or model.arch = "
+                         f"'fast_rcnn' or 'faster_rcnn'")
     if p.model.feature_stride == 16 and not p.model.roi_channels:
         raise ParamError("model.feature_stride = 16 needs model.roi_channels > 0: the stride-16 and stride-32 maps "
                          "are added after both are reduced to roi_channels channels")

@@ -250,14 +250,26 @@ def compute_proposals(root: str | Path, image_ids: Sequence[str], mode: Mode = "
     return ProposalRun(boxes, skipped, time.perf_counter() - start)
 
 
-def proposal_recall(proposals: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray]) -> dict[str, float | int | None]:
-    """Fraction of ground-truth boxes whose best proposal reaches IoU 0.5 / 0.7 (None without any box)."""
+def proposal_recall(proposals: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray],
+                    gt_labels: Sequence[np.ndarray] | None = None,
+                    classes: Sequence[str] | None = None) -> dict[str, object]:
+    """Fraction of ground-truth boxes whose best proposal reaches IoU 0.5 / 0.7 (None without any box); with
+    ``gt_labels`` (1-based) and ``classes``, the same per class under ``per_class`` too: whether a class failed
+    at proposals or at classification."""
     best = [box_iou(gt, props).max(axis=1) if len(props) else np.zeros(len(gt), np.float32)
-            for props, gt in zip(proposals, gt_boxes) if len(gt)]
+            for props, gt in zip(proposals, gt_boxes)]
     best_all = np.concatenate(best) if best else np.zeros(0, np.float32)
-    out: dict[str, float | int | None] = {"gt_boxes": int(len(best_all))}
+    out: dict[str, object] = _recall_of(best_all)
+    if gt_labels is not None and classes is not None:
+        labels = np.concatenate([np.asarray(x, np.int64).ravel() for x in gt_labels]) if best else np.zeros(0, int)
+        out["per_class"] = {name: _recall_of(best_all[labels == i]) for i, name in enumerate(classes, start=1)}
+    return out
+
+
+def _recall_of(best_iou: np.ndarray) -> dict[str, float | int | None]:
+    out: dict[str, float | int | None] = {"gt_boxes": int(len(best_iou))}
     for key, threshold in RECALL_THRESHOLDS.items():
-        out[key] = float(np.mean(best_all >= threshold)) if len(best_all) else None
+        out[key] = round(float(np.mean(best_iou >= threshold)), 6) if len(best_iou) else None
     return out
 
 
@@ -269,14 +281,15 @@ def proposal_jobs(params: Params) -> list[tuple[str, Mode]]:
 
 
 def _summary(boxes: Sequence[np.ndarray], gt: Sequence[np.ndarray], skipped: dict[str, str],
-             seconds: float) -> dict:
+             seconds: float, labels: Sequence[np.ndarray] | None = None,
+             classes: Sequence[str] | None = None) -> dict:
     counts = [len(b) for b in boxes]
     return {
         "images": len(boxes),
         "skipped_images": len(skipped),
         "skipped_ids": sorted(skipped),
         "mean_proposals_per_image": float(np.mean(counts)) if counts else 0.0,
-        **proposal_recall(boxes, gt),
+        **proposal_recall(boxes, gt, labels, classes),
         "seconds": round(seconds, 3),
         "images_per_second": round(len(boxes) / seconds, 3) if seconds > 0 else None,
     }
@@ -305,7 +318,9 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
             ids = sorted(run.boxes)
             boxes = [run.boxes[i] for i in ids]
             gt = [annotations[i].boxes[~annotations[i].difficult] for i in ids]
-            files[f"{split}-{mode}"] = {"split": split, "mode": mode, **_summary(boxes, gt, run.skipped, run.seconds)}
+            labels = [annotations[i].labels[~annotations[i].difficult] for i in ids]
+            files[f"{split}-{mode}"] = {"split": split, "mode": mode,
+                                        **_summary(boxes, gt, run.skipped, run.seconds, labels, params.classes)}
             all_boxes += boxes
             all_gt += gt
             all_skipped.update({f"{split}/{i}": r for i, r in run.skipped.items()})

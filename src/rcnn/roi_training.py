@@ -32,9 +32,9 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn import voc
-from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
+from rcnn.class_accuracy import ClassTally, check_trained, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
-from rcnn.detector import labelled_split_ap, postprocess_settings, warn_if_unscorable
+from rcnn.detector import labelled_split_ap, postprocess_settings, scored_regions_recall, warn_if_unscorable
 from rcnn.fileio import write_json
 from rcnn.device import inference_autocast, select_device
 from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
@@ -83,6 +83,17 @@ def _load(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dic
     return image, proposals, {"boxes": gt, "labels": labels}
 
 
+def init_class_prior(model: RoIDetector, fg_fraction: float) -> None:
+    """Class scores that start at the share of each label among the sampled RoIs (background ``1 - fg_fraction``,
+    each class an equal part of ``fg_fraction``) instead of uniform: the focal-loss paper's prior for rare
+    foreground, so that the first steps do not spend themselves pushing every class below background."""
+    score = model.roi_heads.box_predictor.cls_score
+    classes = score.out_features - 1
+    with torch.no_grad():
+        score.bias[0] = float(np.log(1 - fg_fraction)) if fg_fraction < 1 else 0.0
+        score.bias[1:] = float(np.log(fg_fraction / classes))
+
+
 def steps_per_epoch(num_images: int, t: TrainParams) -> int:
     """Optimiser steps in one epoch: a pass over the training images, lengthened on a small set so that
     ``train.epochs`` epochs make at least ``train.min_steps`` steps (the schedule, warm-up and validation
@@ -90,15 +101,48 @@ def steps_per_epoch(num_images: int, t: TrainParams) -> int:
     return max(-(-num_images // t.images_per_batch), -(-t.min_steps // t.epochs))
 
 
+def repeat_factors(examples: list[Example], num_classes: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """LVIS's repeat-factor sampling (detectron2's ``RepeatFactorTrainingSampler``): class ``c``, held by a
+    share ``f(c)`` of the training images, gets ``r(c) = max(1, sqrt(threshold / f(c)))``; an image the largest
+    ``r`` of its classes. Returns the factor of each image and of each label (index 0 unused); all ones for
+    ``threshold`` 0."""
+    held = np.zeros(num_classes)
+    labels = [np.unique(ex.boxes.gt_labels[ex.gt_index]) for ex in examples]
+    for image_labels in labels:
+        held[image_labels] += 1
+    share = held / max(len(examples), 1)
+    per_class = np.ones(num_classes)
+    if threshold > 0:
+        per_class[share > 0] = np.maximum(1.0, np.sqrt(threshold / share[share > 0]))
+    per_image = np.array([per_class[x].max() if len(x) else 1.0 for x in labels])
+    return per_image, per_class
+
+
+def _training_order(n: int, needed: int, rng: np.random.Generator, repeat: np.ndarray | None) -> np.ndarray:
+    """``needed`` image indices: passes over the images, each in a fresh order; with ``repeat`` factors each
+    pass holds image i ``floor(r_i)`` times and once more with probability ``r_i - floor(r_i)``."""
+    if repeat is None:
+        passes = -(-needed // n)
+        return np.concatenate([rng.permutation(n) for _ in range(passes)])[:needed]
+    order, total = [], 0
+    while total < needed:
+        counts = np.floor(repeat).astype(np.int64) + (rng.random(n) < repeat - np.floor(repeat))
+        one_pass = np.repeat(np.arange(n), counts)
+        order.append(one_pass[rng.permutation(len(one_pass))])
+        total += len(one_pass)
+    return np.concatenate(order)[:needed]
+
+
 def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Generator,
-             training: bool, steps: int | None = None) -> Iterator[tuple[list, list, list]]:
+             training: bool, steps: int | None = None,
+             repeat: np.ndarray | None = None) -> Iterator[tuple[list, list, list]]:
     """Batches in a shuffled order with random flips when ``training`` (``steps`` batches, passing over the
-    images as often as that takes, each pass in a fresh order), else every image once, in order, unflipped."""
+    images as often as that takes, each pass in a fresh order, images drawn by their ``repeat`` factors where
+    given), else every image once, in order, unflipped."""
     if training:
         one_pass = -(-len(examples) // images_per_batch)
         needed = steps * images_per_batch if steps and steps > one_pass else len(examples)
-        passes = -(-needed // len(examples))
-        order = np.concatenate([rng.permutation(len(examples)) for _ in range(passes)])[:needed]
+        order = _training_order(len(examples), needed, rng, repeat)
         flips = rng.random(len(order)) < 0.5
     else:
         order, flips = np.arange(len(examples)), np.zeros(len(examples), bool)
@@ -148,12 +192,22 @@ def roi_meter(model: RoIDetector, examples: list[Example], images_per_batch: int
 
 
 def validation_ap(model: RoIDetector, detector_cls: type[RoIDetection], examples: list[Example], params: Params,
-                  device: torch.device) -> dict[str, float]:
+                  device: torch.device) -> dict:
     """Detection AP on the validation images, scored as the evaluate stage scores (its post-processing and
-    its ``evaluate.max_proposals``)."""
+    its ``evaluate.max_proposals``), with the per-class recall of the regions it scored."""
     detector = detector_cls(model.eval(), {"classes": list(params.classes)}, device, **postprocess_settings(params))
     return labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples],
-                             params.evaluate.max_proposals)
+                             params.evaluate.max_proposals, with_proposal_recall=True)
+
+
+def training_proposal_recall(model: RoIDetector, detector_cls: type[RoIDetection], examples: list[Example],
+                             params: Params, device: torch.device) -> dict:
+    """Per-class recall of the regions the trained detector scores on its training images (selective search's
+    first ``evaluate.max_proposals``, or the RPN's): beside the validation recall, it tells a class that failed
+    at proposals from one that failed at classification."""
+    detector = detector_cls(model.eval(), {"classes": list(params.classes)}, device, **postprocess_settings(params))
+    return scored_regions_recall(detector, [ex.path for ex in examples], [ex.boxes for ex in examples],
+                                 params.evaluate.max_proposals)
 
 
 def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Example], val: list[Example],
@@ -166,7 +220,10 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     objects = objects_per_class([ex.boxes.gt_labels[ex.gt_index] for ex in train], params.num_classes)
     check_training_objects(objects, params.classes, params.data.train_split)
     warn_if_unscorable([ex.boxes for ex in val], params.data.val_split)
-    optimizer = build_optimizer(model.parameters(), t)
+    if t.prior_init:
+        init_class_prior(model, t.fg_fraction)
+    repeat, class_repeat = repeat_factors(train, params.num_classes, t.repeat_threshold)
+    optimizer = build_optimizer(model.parameters(), t, model.body.parameters())
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)
     rng = np.random.default_rng(params.seed)
@@ -183,7 +240,9 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     for epoch in bar:
         model.train()
         meter = _Meter(model.config["num_classes"] + 1)
-        for images, proposals, targets in tqdm(_batches(train, t.images_per_batch, rng, True, steps), total=steps,
+        for images, proposals, targets in tqdm(_batches(train, t.images_per_batch, rng, True, steps,
+                                                                     repeat if t.repeat_threshold else None),
+                                               total=steps,
                                                desc=f"epoch {epoch}", unit="batch", leave=False):
             with inference_autocast(device):
                 losses, logits, labels = model.losses([i.to(device) for i in images],
@@ -230,15 +289,18 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     seconds = earlier_seconds + time.perf_counter() - start
     model.load_state_dict(best_state)
     trained = roi_meter(model, train, t.images_per_batch, device).tally
-    collapsed = check_not_collapsed(
-        trained, params.classes, objects, f"train longer (train.min_steps = {t.min_steps}, train.epochs = "
-        f"{t.epochs}; this run made {steps} steps an epoch) or lower train.lr = {t.lr}", t.allow_collapse)
-    best.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes),
-                train_fg_accuracy_overall=trained.fg_accuracy())
+    collapsed, unlearned = check_trained(
+        trained, params.classes, objects, f"train longer (train.min_steps, now {t.min_steps}; train.epochs, now "
+        f"{t.epochs}; this run made {steps} steps an epoch) or lower train.lr (now {t.lr})", t.allow_collapse)
+    best.update(collapsed=collapsed, unlearned_classes=unlearned, train_fg_accuracy=trained.per_class(params.classes),
+                train_fg_accuracy_overall=trained.fg_accuracy(),
+                train_proposal_recall=training_proposal_recall(model, detector_cls, train, params, device))
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
             "steps_per_epoch": steps, "train_images": len(train), "val_images": len(val),
+            # derived from the data: how often each class's images are drawn (train.repeat_threshold)
+            "repeat_factors": {name: round(float(class_repeat[i]), 4) for i, name in enumerate(params.classes, 1)},
             "resumed_from_epoch": resumed_from}
 
 
@@ -271,7 +333,8 @@ def run_train_stage(params: Params, build: Callable[[Params, float, float], RoID
     point = open_resume_point(resume_dir, params, [regions_dir], voc_dir)
     with stage_live(live_dir, point) as live:  # the curves land only with the model they describe
         summary = fit(model, detector_cls, train, val, params, device, live, point)
-        save_roi_detector(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"]})
+        save_roi_detector(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"], "unlearned_classes":
+                                                            [c["class"] for c in summary["unlearned_classes"]]})
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
         write_json(metrics_path, metrics)
     if point is not None:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from rcnn.errors import RcnnError
+from rcnn.fileio import safe_name
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,10 @@ def read_split(root: str | Path, split: str) -> list[str]:
     if not path.is_file():
         raise RcnnError(f"split {split!r} not found: {path} does not exist")
     ids = {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
+    unsafe = sorted(i for i in ids if safe_name(i) != i)
+    if unsafe:  # an id names files under JPEGImages/ and Annotations/: it may not climb out of them
+        raise RcnnError(f"{path}: image id {unsafe[0]!r} is not a plain file name (no '/', '\\', '..' or control "
+                        f"characters)")
     return sorted(ids)
 
 

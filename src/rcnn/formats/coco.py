@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from rcnn import voc
-from rcnn.fileio import write_json
+from rcnn.fileio import contained, write_json
 from rcnn.formats.records import BadEntries, FormatError, SourceImage, SourceObject, continuous_to_voc
 
 SINGLE_FOLDER_FILE = "_annotations.coco.json"
@@ -41,12 +41,13 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def _image_file(root: Path, json_path: Path, split_dir: str, file_name: str) -> Path | None:
+def _image_file(root: Path, json_path: Path, split_dir: str, file_name: str, what: str) -> Path | None:
     """Where the image ``file_name`` of a split lies: beside its JSON (single folder), in ``<split>/``,
-    ``images/<split>/``, ``images/`` or the root."""
+    ``images/<split>/``, ``images/`` or the root; a name reaching outside the data set is an error."""
     for folder in (json_path.parent, root / split_dir, root / "images" / split_dir, root / "images", root):
-        if (folder / file_name).is_file():
-            return folder / file_name
+        path = contained(root, file_name, what, base=folder)
+        if path.is_file():
+            return path
     return None
 
 
@@ -68,7 +69,7 @@ def read_split(root: Path, split_dir: str, path: Path, bad: BadEntries) -> tuple
             raise FormatError(f"{path}: image entry {entry!r} needs an 'id' and a 'file_name'")
         if entry["id"] in images:
             raise FormatError(f"{path}: duplicate image id {entry['id']!r}")
-        file = _image_file(root, path, split_dir, entry["file_name"])
+        file = _image_file(root, path, split_dir, entry["file_name"], f"{path}: image {entry['id']!r} file_name")
         if file is None:
             raise FormatError(f"{path}: image {entry['file_name']!r} (id {entry['id']!r}) is listed but missing")
         width, height = entry.get("width"), entry.get("height")

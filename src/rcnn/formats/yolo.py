@@ -5,6 +5,7 @@ flag. Also writes a VOC folder as YOLO, for tests and users."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from rcnn import voc
+from rcnn.fileio import contained
 from rcnn.formats.records import BadEntries, FormatError, SourceImage, SourceObject, continuous_to_voc
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -84,16 +86,18 @@ def _read_labels(path: Path, image: SourceImage, names: Sequence[str], bad: BadE
         image.objects.append(SourceObject(names[label], corners))
 
 
-def _split_images(root: Path, path: Path, entry: Any) -> list[Path]:
+def _split_images(root: Path, base: Path, path: Path, key: str, entry: Any) -> list[Path]:
+    """The images of one split's folders (relative to ``base``, each inside the data set ``root``)."""
     folders = entry if isinstance(entry, list) else [entry]
     images = []
     for folder in folders:
         if not isinstance(folder, str):
             raise FormatError(f"{path}: a split must name an image folder, not {folder!r}")
-        where = root / folder
+        where = contained(root, folder, f"{path}: {key}", base=base)
         if not where.is_dir() or "images" not in where.parts:
             raise FormatError(f"{path}: image folder {folder!r} ({where}) does not exist or is not under images/")
-        images += sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images += [contained(root, os.path.relpath(p, root), f"{path}: {key} image") for p in found]  # links too
     return images
 
 
@@ -109,7 +113,8 @@ def read(root: Path, on_bad: Literal["error", "skip"]) -> tuple[dict[str, list[S
     if not isinstance(data, dict):
         raise FormatError(f"{path}: not a YOLO dataset file (expected keys 'names' and the splits)")
     names = _names(path, data)
-    base = root / data["path"] if isinstance(data.get("path"), str) and (root / data["path"]).is_dir() else root
+    base = contained(root, data["path"], f"{path}: path") if isinstance(data.get("path"), str) else root
+    base = base if base.is_dir() else root
     bad = BadEntries(on_bad)
     splits: dict[str, list[SourceImage]] = {}
     labelled: set[Path] = set()
@@ -117,7 +122,7 @@ def read(root: Path, on_bad: Literal["error", "skip"]) -> tuple[dict[str, list[S
         if data.get(key) is None:
             continue
         images = []
-        for file in _split_images(base, path, data[key]):
+        for file in _split_images(root, base, path, key, data[key]):
             width, height = _image_size(file)
             image = SourceImage(file.stem, file, width, height)
             labels = label_path(file)

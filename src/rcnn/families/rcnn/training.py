@@ -37,7 +37,7 @@ from tqdm import tqdm
 from rcnn.families.rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.families.rcnn.bbox_regression import fit_box_regressor
-from rcnn.class_accuracy import ClassTally, check_not_collapsed, check_training_objects, objects_per_class
+from rcnn.class_accuracy import ClassTally, check_trained, check_training_objects, objects_per_class
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.families.rcnn.finetune import ProposalSampler
@@ -332,18 +332,19 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                 svm, classifier = _keep_better_on_validation(model, svm, classifier, softmax_head, softmax_ap, val_ap)
         # Checked, saved and written inside the block: the curves land only with the model they describe.
         trained = _final_tally(model, svm, train, params.num_classes, device)
-        collapsed = check_not_collapsed(
+        collapsed, unlearned = check_trained(
             trained, params.classes, objects,
-            f"train longer (train.epochs = {t.epochs}, train.patience = {t.patience}), change train.lr = {t.lr} or "
-            f"give objects more weight (train.object_weight = {t.object_weight})", t.allow_collapse)
-        summary.update(collapsed=collapsed, train_fg_accuracy=trained.per_class(params.classes),
+            f"train longer (train.epochs, now {t.epochs}; train.patience, now {t.patience}), another train.lr (now "
+            f"{t.lr}) or more weight on objects (train.object_weight, now {t.object_weight})", t.allow_collapse)
+        summary.update(collapsed=collapsed, unlearned_classes=unlearned, train_fg_accuracy=trained.per_class(params.classes),
                        train_fg_accuracy_overall=trained.fg_accuracy())
         validated = _final_tally(model, svm, val, params.num_classes, device)
         summary.update(val_fg_accuracy=validated.per_class(params.classes),
                        val_fg_accuracy_overall=validated.fg_accuracy())
         meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
                 "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
-                "classifier": classifier["classifier"], "svm": svm, "best_epoch": summary["best_epoch"]}
+                "classifier": classifier["classifier"], "svm": svm, "best_epoch": summary["best_epoch"],
+                "unlearned_classes": [c["class"] for c in unlearned]}
         save_checkpoint(model_path, model.cpu(), meta)
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
         metrics["final_classifier"] = classifier

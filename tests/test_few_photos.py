@@ -1,0 +1,89 @@
+"""Few photos per class (issue 35): the few-photo set builder is deterministic and takes what it says; the
+trainer's class-balanced sampling, backbone rate and class prior do what params.md says, and R-CNN refuses
+them rather than ignoring them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rcnn import voc
+from rcnn.errors import ParamError
+from rcnn.families.fast_rcnn.model import build_fast_rcnn
+from rcnn.optim import build_optimizer
+from rcnn.params import TrainParams, from_dict
+from rcnn.region_boxes import ImageBoxes
+from rcnn.roi_training import Example, _training_order, init_class_prior, repeat_factors
+
+BUILDER = Path(__file__).resolve().parents[1] / "bench" / "few_photos.py"
+
+
+def _example(labels: list[int]) -> Example:
+    n = len(labels)
+    boxes = ImageBoxes("x", 100, 100, np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                       np.tile(np.array([[0, 0, 9, 9]], np.float32), (n, 1)), np.array(labels, np.int64),
+                       np.zeros(n, bool))
+    return Example(Path("x.jpg"), boxes, np.zeros((0, 4), np.float32), np.arange(n))
+
+
+def test_repeat_factors_follow_lvis_and_draw_rare_class_images_more_often():
+    # class 1 in every image, class 2 in one of ten: r(2) = sqrt(0.5 / 0.1)
+    examples = [_example([1])] * 9 + [_example([1, 2])]
+    per_image, per_class = repeat_factors(examples, 3, threshold=0.5)
+    assert per_class[1] == 1.0 and per_class[2] == pytest.approx(np.sqrt(5))
+    assert list(per_image[:9]) == [1.0] * 9 and per_image[9] == pytest.approx(np.sqrt(5))
+    assert list(repeat_factors(examples, 3, threshold=0.0)[0]) == [1.0] * 10  # off
+    order = _training_order(10, 10_000, np.random.default_rng(0), per_image)
+    assert np.mean(order == 9) == pytest.approx(np.sqrt(5) / (9 + np.sqrt(5)), abs=0.01)
+    again = _training_order(10, 10_000, np.random.default_rng(0), per_image)
+    np.testing.assert_array_equal(order, again)  # seeded: the same draw every run
+
+
+def test_the_backbone_learns_at_its_own_rate_and_the_head_at_train_lr():
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 2)})
+    t = TrainParams(lr=0.01, optimizer="sgd", backbone_lr=0.1)
+    optimizer = build_optimizer(model.parameters(), t, model["body"].parameters())
+    rates = sorted((g["lr"], len(g["params"])) for g in optimizer.param_groups)
+    assert rates == [(pytest.approx(0.001), 2), (0.01, 2)]
+    assert len(build_optimizer(model.parameters(), TrainParams(lr=0.01)).param_groups) == 1  # default: one rate
+
+
+def test_the_class_prior_starts_scores_at_the_sampled_shares():
+    params = from_dict({"classes": ["a", "b", "c"], "model": {"arch": "fast_rcnn", "backbone": "resnet18",
+                                                              "weights": "none", "roi_channels": 8, "hidden": 16}})
+    model = build_fast_rcnn(params)
+    init_class_prior(model, 0.25)
+    features = torch.zeros(1, 16)
+    probs = torch.softmax(model.roi_heads.box_predictor(features)[0], dim=1)[0]
+    np.testing.assert_allclose(probs.detach().numpy(), [0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, value", [("repeat_threshold", 0.5), ("backbone_lr", 0.1), ("prior_init", True)])
+def test_r_cnn_refuses_the_two_stage_sampling_keys_instead_of_ignoring_them(key: str, value: object):
+    with pytest.raises(ParamError, match=rf"train\.{key} .*are Fast and Faster R-CNN's"):
+        from_dict({"train": {key: value}})
+
+
+def test_the_few_photo_builder_takes_n_photos_of_each_class_the_same_way_every_time(synthetic_voc: Path,
+                                                                                   tmp_path: Path):
+    runs = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        proc = subprocess.run([sys.executable, str(BUILDER), str(synthetic_voc), str(out), "--train-per-class", "2",
+                               "--val-per-class", "1"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        runs.append({s: voc.read_split(out, s) for s in ("train", "val", "test")})
+    assert runs[0] == runs[1]
+    train = voc.load_split(tmp_path / "a", "train", ["car", "dog", "person"])
+    held = [set(a.labels.tolist()) for a in train]
+    assert 3 <= len(train) <= 6 and all(sum(c in h for h in held) >= 2 for c in (1, 2, 3))
+    assert runs[0]["test"] == voc.read_split(synthetic_voc, "test")  # test: the whole source list
+    assert (tmp_path / "a" / "JPEGImages" / f"{train[0].image_id}.jpg").read_bytes() == \
+        voc.image_path(synthetic_voc, train[0].image_id).read_bytes()
+    bad = subprocess.run([sys.executable, str(BUILDER), str(tmp_path / "nowhere"), str(tmp_path / "c")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
