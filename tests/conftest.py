@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from rcnn.params import ModelParams, Params, TrainParams
 from rcnn.synthetic import generate
 
 REGION_CLASSES = ["car", "dog", "person"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shipped_params_text() -> str:
+    """The params.yaml the project ships: the committed one (``git show HEAD:params.yaml``), not the workspace's,
+    which ``dvc exp run -S`` rewrites; the file itself outside a git checkout."""
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ and in metrics/train.json, and each class's accuracy beside them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,10 @@ def test_fast_rcnn_forced_to_background_is_one_error_and_no_model(multiclass_box
         _train(tiny, voc_dir, root, tmp_path)
     stored = json.loads((tmp_path / "train.json").read_text())
     assert stored["collapsed"].startswith("training collapsed") and (tmp_path / "model.pt").is_file()
+
+
+def test_a_stage_prints_a_warning_as_one_warning_line():
+    code = ("import warnings; from rcnn.errors import run_cli; "
+            "run_cli(lambda: warnings.warn('the model learned 2 of 3 classes but no foreground of dog', RuntimeWarning))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "warning: the model learned 2 of 3 classes but no foreground of dog\n"

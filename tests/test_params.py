@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from rcnn.errors import run_cli
-from rcnn.params import Params, load_params, to_dict
+from conftest import shipped_params_text
+from rcnn.params import Params, from_dict, load_params, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,9 +27,9 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_repo_params_yaml_lists_every_key_with_its_default():
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(shipped_params_text())
     assert _keys(raw) == _keys(to_dict(Params()))
-    assert load_params(REPO / "params.yaml") == Params()
+    assert from_dict(raw) == Params()
 
 
 def test_missing_keys_take_defaults_and_a_dump_loads_back(tmp_path):
@@ -46,7 +47,7 @@ def test_missing_keys_take_defaults_and_a_dump_loads_back(tmp_path):
 
 def _with(override: dict) -> str:
     """The repo's params.yaml with ``override`` merged in, as YAML text."""
-    merged = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    merged = copy.deepcopy(yaml.safe_load(shipped_params_text()))
     for section, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(section), dict):
             merged[section].update(value)

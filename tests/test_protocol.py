@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import shipped_params_text
 from rcnn import voc
 from rcnn.families.rcnn import train_data, training
 from rcnn.detector import labelled_split_ap, postprocess_settings
@@ -30,7 +31,7 @@ def _params(**evaluate: object) -> Params:
 
 
 def test_the_default_protocol_scores_the_held_out_test_split(synthetic_voc: Path):
-    defaults = from_dict(yaml.safe_load((REPO / "params.yaml").read_text()))
+    defaults = from_dict(yaml.safe_load(shipped_params_text()))
     assert defaults.evaluate.split == "test" and "test" in defaults.data.splits
     assert defaults.evaluate.allow_overlap is False
     assert check_evaluation_split(synthetic_voc, _params()) == {"allow_overlap": False,
