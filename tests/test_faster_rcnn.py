@@ -120,7 +120,7 @@ def test_bad_rpn_params_are_refused_before_any_work(key: str, value: object, mes
 
 
 def test_svm_or_hard_negatives_with_faster_rcnn_are_refused():
-    with pytest.raises(ParamError, match="are R-CNN's: Faster R-CNN trains its softmax head"):
+    with pytest.raises(ParamError, match="are R-CNN's: Faster R-CNN trains its head"):
         from_dict({"model": {"arch": "faster_rcnn", "classifier": "svm"}})
 
 

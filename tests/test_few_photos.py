@@ -1,6 +1,6 @@
 """Few photos per class (issue 35): the few-photo set builder is deterministic and takes what it says; the
-trainer's class-balanced sampling, backbone rate and class prior do what params.md says, and R-CNN refuses
-them rather than ignoring them."""
+trainer's class-balanced sampling, backbone rate, class prior and cosine classifier do what params.md says, and
+R-CNN refuses them rather than ignoring them."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from rcnn import voc
+from rcnn.detectors import load_detector
 from rcnn.errors import ParamError
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.optim import build_optimizer
 from rcnn.params import TrainParams, from_dict
 from rcnn.region_boxes import ImageBoxes
+from rcnn.roi_detector import save_roi_detector
 from rcnn.roi_training import Example, _training_order, init_class_prior, repeat_factors
 
 BUILDER = Path(__file__).resolve().parents[1] / "bench" / "few_photos.py"
@@ -61,6 +63,55 @@ def test_the_class_prior_starts_scores_at_the_sampled_shares():
     features = torch.zeros(1, 16)
     probs = torch.softmax(model.roi_heads.box_predictor(features)[0], dim=1)[0]
     np.testing.assert_allclose(probs.detach().numpy(), [0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], rtol=1e-5)
+
+
+def _cosine_model(scale: float = 20.0):
+    params = from_dict({"classes": ["a", "b", "c"], "model": {"arch": "fast_rcnn", "backbone": "resnet18",
+                                                              "weights": "none", "roi_channels": 8, "hidden": 16,
+                                                              "classifier": "cosine", "cosine_scale": scale}})
+    return params, build_fast_rcnn(params)
+
+
+def test_cosine_scores_ignore_the_length_of_features_and_of_class_weights():
+    _, model = _cosine_model(scale=10.0)
+    predictor = model.roi_heads.box_predictor
+    features = torch.rand(4, 16)
+    scores, deltas = predictor(features)
+    assert scores.shape == (4, 4) and deltas.shape == (4, 16)
+    assert float(scores.abs().max()) <= 10.0 + 1e-4  # scale times a cosine
+    torch.testing.assert_close(predictor(features * 7.0)[0], scores)
+    with torch.no_grad():
+        predictor.cls_score.weight[2] *= 50.0  # a class with long weights does not outscore the others for it
+    torch.testing.assert_close(predictor(features)[0], scores)
+
+
+def test_a_cosine_checkpoint_round_trips_and_older_ones_load_as_softmax(tmp_path: Path):
+    params, model = _cosine_model()
+    save_roi_detector(tmp_path / "m.pt", model.eval(), params, {})
+    loaded = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0)
+    assert loaded.model.config["classifier"] == "cosine"
+    image, rois = torch.rand(3, 96, 128), torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 10.0, 90.0, 80.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.score(image, rois)[0], model.score(image, rois)[0])
+    softmax = build_fast_rcnn(from_dict({"classes": ["a", "b", "c"], "model": {
+        "arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "roi_channels": 8, "hidden": 16}}))
+    save_roi_detector(tmp_path / "s.pt", softmax.eval(), params, {})
+    payload = torch.load(tmp_path / "s.pt", weights_only=True)
+    for key in ("classifier", "cosine_scale"):  # written before the cosine classifier existed
+        del payload["meta"]["config"][key]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_detector(tmp_path / "old.pt", "cpu").model.config["classifier"] == "softmax"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"model": {"classifier": "cosine"}}, "model.classifier = 'cosine' is Fast and Faster R-CNN's"),
+    ({"model": {"arch": "fast_rcnn", "classifier": "svm"}}, "are R-CNN's"),
+    ({"model": {"arch": "fast_rcnn", "classifier": "cosine"}, "train": {"prior_init": True}},
+     "train.prior_init = true needs model.classifier = 'softmax'"),
+])
+def test_classifier_combinations_that_would_be_ignored_or_break_are_refused(raw: dict, message: str):
+    with pytest.raises(ParamError, match=message):
+        from_dict(raw)
 
 
 @pytest.mark.parametrize("key, value", [("repeat_threshold", 0.5), ("backbone_lr", 0.1), ("prior_init", True)])

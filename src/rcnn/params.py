@@ -96,7 +96,9 @@ class ModelParams:
     dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
     hidden: int = field(default=512, metadata=_range(1))
     bbox_regression: bool = False
-    classifier: Literal["softmax", "svm"] = "softmax"
+    # softmax: a linear layer; svm: R-CNN's per-class SVMs; cosine: Fast/Faster R-CNN's scores as scaled cosines (TFA)
+    classifier: Literal["softmax", "svm", "cosine"] = "softmax"
+    cosine_scale: float = field(default=20.0, metadata=_range(0, 1000, lo_open=True))
     image_size: int = field(default=480, metadata=_range(32, 2000))
     max_size: int = field(default=800, metadata=_range(32, 4000))
     roi_channels: int = field(default=128, metadata=_range(0, 4096))
@@ -342,17 +344,23 @@ def _check_consistency(p: Params) -> None:
     if p.proposals.scheduler is not None and p.proposals.backend != "dask":
         raise ParamError(f"proposals.scheduler = {p.proposals.scheduler!r} is only used with proposals.backend = "
                          f"'dask' (it is {p.proposals.backend!r}): set the backend or the scheduler to null")
-    if p.model.arch != "rcnn" and (p.model.classifier != "softmax" or p.train.hard_negative_rounds
+    if p.model.arch == "rcnn" and p.model.classifier == "cosine":
+        raise ParamError("model.classifier = 'cosine' is Fast and Faster R-CNN's: R-CNN's classifier is 'softmax' or "
+                         "'svm'")
+    if p.model.arch != "rcnn" and (p.model.classifier == "svm" or p.train.hard_negative_rounds
                                    or p.train.classifier_choice != "configured"):
         raise ParamError(f"model.classifier = {p.model.classifier!r}, train.hard_negative_rounds = "
                          f"{p.train.hard_negative_rounds} and train.classifier_choice = {p.train.classifier_choice!r} "
-                         f"are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its softmax head end to end and would ignore "
-                         f"them; set them to 'softmax', 0 and 'configured', or model.arch = 'rcnn'")
+                         f"are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its head end to end and would ignore "
+                         f"them; set them to 'softmax' (or 'cosine'), 0 and 'configured', or model.arch = 'rcnn'")
     if p.model.arch == "rcnn" and (p.train.repeat_threshold or p.train.backbone_lr != 1.0 or p.train.prior_init):
         raise ParamError(f"train.repeat_threshold = {p.train.repeat_threshold}, train.backbone_lr = "
                          f"{p.train.backbone_lr} and train.prior_init = {str(p.train.prior_init).lower()} are Fast and "
                          f"Faster R-CNN's: R-CNN would ignore them; set them to 0.0, 1.0 and false, or model.arch = "
                          f"'fast_rcnn' or 'faster_rcnn'")
+    if p.train.prior_init and p.model.classifier == "cosine":
+        raise ParamError("train.prior_init = true needs model.classifier = 'softmax': the cosine classifier has no "
+                         "biases to start at the class shares")
     if p.model.feature_stride == 16 and not p.model.roi_channels:
         raise ParamError("model.feature_stride = 16 needs model.roi_channels > 0: the stride-16 and stride-32 maps "
                          "are added after both are reduced to roi_channels channels")

@@ -53,11 +53,12 @@ from rcnn.params import Params, to_dict
 
 FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResNet layer4, MobileNet features)
 # Constructor arguments of RoIDetector that a checkpoint records (its "config"); a family may add its own.
+CLASSIFIERS = ("softmax", "cosine")
 CONFIG_KEYS = ("backbone", "num_classes", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout",
                "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction",
-               "feature_stride")
+               "feature_stride", "classifier", "cosine_scale")
 # Config keys added after checkpoints were first written, with the value those checkpoints were trained with.
-CONFIG_DEFAULTS = {"feature_stride": FEATURE_STRIDE}
+CONFIG_DEFAULTS = {"feature_stride": FEATURE_STRIDE, "classifier": "softmax", "cosine_scale": 20.0}
 
 
 def _fraction(value: Any, lo_open: bool = False) -> bool:
@@ -88,6 +89,9 @@ def check_config(config: dict[str, Any], classes: Any) -> None:
         "fg_fraction": _fraction(config["fg_fraction"], lo_open=True),
         "feature_stride": config["feature_stride"] in (16, 32) and type(config["feature_stride"]) is int
         and (config["feature_stride"] == 32 or is_int_in(config["roi_channels"], 1)),
+        "classifier": config["classifier"] in CLASSIFIERS,
+        "cosine_scale": isinstance(config["cosine_scale"], (int, float)) and not isinstance(config["cosine_scale"], bool)
+        and 0 < config["cosine_scale"] <= 1000,
     }
     bad = next((name for name, ok in checks.items() if not ok), None)
     if bad is not None:
@@ -162,6 +166,34 @@ class RoIAlignPool(nn.Module):
                          sampling_ratio=self.sampling_ratio, aligned=True)
 
 
+class CosinePredictor(nn.Module):
+    """TFA's classifier (Wang et al., ICML 2020): each class score is ``scale`` times the cosine between the RoI
+    feature and that class's weight vector, so no class outscores another by the length of its weights or a
+    bias, which a class with many boxes (background above all) otherwise grows at the expense of one with a
+    few. Box deltas stay linear. Same interface as ``FastRCNNPredictor``: what ``RoIHeads`` calls."""
+
+    def __init__(self, in_channels: int, num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.cls_score = nn.Linear(in_channels, num_classes, bias=False)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)  # TFA's initialisation
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1)
+        cosine = nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.cls_score.weight, dim=1).t()
+        return self.scale * cosine, self.bbox_pred(x)
+
+
+def box_predictor(classifier: str, hidden: int, num_labels: int, cosine_scale: float) -> nn.Module:
+    """The last layer: linear class scores (``softmax``) or cosine ones (``cosine``), and box deltas."""
+    if classifier == "cosine":
+        return CosinePredictor(hidden, num_labels, cosine_scale)
+    return FastRCNNPredictor(hidden, num_labels)
+
+
 class RoIDetector(nn.Module, abc.ABC):
     """Backbone + RoIAlign + two-layer head with class scores and class-specific box deltas; the RoIs come
     from :meth:`propose`, which each family defines.
@@ -179,13 +211,17 @@ class RoIDetector(nn.Module, abc.ABC):
                  roi_channels: int = 128, roi_size: int = 7, hidden: int = 512, dropout: float = 0.0,
                  image_size: int = 480, max_size: int = 800, train_sizes: tuple[int, ...] = (),
                  fg_iou: float = 0.5, bg_iou: float = 0.5, rois_per_image: int = 128,
-                 fg_fraction: float = 0.25, feature_stride: int = FEATURE_STRIDE) -> None:
+                 fg_fraction: float = 0.25, feature_stride: int = FEATURE_STRIDE, classifier: str = "softmax",
+                 cosine_scale: float = 20.0) -> None:
         super().__init__()
         self.config = {"backbone": backbone, "num_classes": num_classes, "trainable_layers": trainable_layers,
                        "roi_channels": roi_channels, "roi_size": roi_size, "hidden": hidden, "dropout": dropout,
                        "image_size": image_size, "max_size": max_size, "train_sizes": list(train_sizes),
                        "fg_iou": fg_iou, "bg_iou": bg_iou, "rois_per_image": rois_per_image,
-                       "fg_fraction": fg_fraction, "feature_stride": feature_stride}
+                       "fg_fraction": fg_fraction, "feature_stride": feature_stride, "classifier": classifier,
+                       "cosine_scale": cosine_scale}
+        if classifier not in CLASSIFIERS:
+            raise RcnnError(f"classifier = {classifier!r} is invalid: expected one of {', '.join(CLASSIFIERS)}")
         if feature_stride not in (16, 32) or (feature_stride == 16 and not roi_channels):
             raise RcnnError(f"feature_stride = {feature_stride} is invalid: expected 32, or 16 with roi_channels > 0")
         trunk, dim = build_backbone(backbone, weights)
@@ -211,7 +247,7 @@ class RoIDetector(nn.Module, abc.ABC):
                              nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.roi_heads = RoIHeads(
             box_roi_pool=RoIAlignPool(roi_size, 1 / feature_stride), box_head=head,
-            box_predictor=FastRCNNPredictor(hidden, num_classes + 1), fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
+            box_predictor=box_predictor(classifier, hidden, num_classes + 1, cosine_scale), fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
             batch_size_per_image=rois_per_image, positive_fraction=fg_fraction, bbox_reg_weights=None,
             score_thresh=0.0, nms_thresh=1.0, detections_per_img=1)  # post-processing is ours, see module doc
         self.eval_sizes = (image_size,)
@@ -305,7 +341,8 @@ def detector_kwargs(params: Params, fg_iou: float, bg_iou: float) -> dict[str, A
             "trainable_layers": m.trainable_layers, "roi_channels": m.roi_channels, "roi_size": m.roi_size,
             "hidden": m.hidden, "dropout": m.dropout, "image_size": m.image_size, "max_size": m.max_size,
             "train_sizes": tuple(t.image_sizes), "fg_iou": fg_iou, "bg_iou": bg_iou,
-            "rois_per_image": t.rois_per_image, "fg_fraction": t.fg_fraction, "feature_stride": m.feature_stride}
+            "rois_per_image": t.rois_per_image, "fg_fraction": t.fg_fraction, "feature_stride": m.feature_stride,
+            "classifier": m.classifier, "cosine_scale": m.cosine_scale}
 
 
 def seeded(params: Params, build: Any, **kwargs: Any) -> RoIDetector:
