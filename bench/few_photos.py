@@ -25,7 +25,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from rcnn import voc
-from rcnn.errors import RcnnError, run_cli
+from rcnn.errors import CliParser, RcnnError, run_cli
 from rcnn.fileio import atomic_dir
 
 SPLITS = ("train", "val", "test")
@@ -86,7 +86,7 @@ def _count(text: str) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     def run() -> None:
-        parser = argparse.ArgumentParser(prog="python bench/few_photos.py", description=__doc__.split("\n\n")[0])
+        parser = CliParser(prog="python bench/few_photos.py", description=__doc__.split("\n\n")[0])
         parser.add_argument("source", type=Path, help="a VOC-layout set with train, val and test lists")
         parser.add_argument("out", type=Path)
         parser.add_argument("--train-per-class", type=_count, default=10)

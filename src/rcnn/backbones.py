@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from rcnn.checkpoints import safe_torch_load
+from rcnn.checkpoints import non_finite_tensor, safe_torch_load
 from rcnn.errors import RcnnError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +47,9 @@ def _read_weights_file(path: Path, backbone: str) -> dict[str, torch.Tensor]:
                        f"{backbone} ({{reason}})")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RcnnError(f"model.weights file {path} does not hold a state dict of tensors (backbone {backbone})")
+    bad = non_finite_tensor(state)
+    if bad is not None:
+        raise RcnnError(f"model.weights file {path} is corrupt ({bad} holds non-finite values)")
     return state
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from rcnn.evaluation import EvalResult, batched_average_precision, pr_curve
 
+MIN_IMAGES = 5  # fewer images give resamples of so few distinct draws that the interval says nothing
 RESAMPLES = 2000  # the ends of the 95% interval move by < 0.005 between seeds at this count (tests/test_bootstrap.py)
 SEED = 0
 _CHUNK_ELEMENTS = 262_144  # (resamples x detections) per matrix: 2 MB of float64, cache-sized (fastest measured)
@@ -71,7 +72,15 @@ def interval(samples: np.ndarray, point: float, level: float = 0.95) -> list[flo
 
 
 def map_intervals(result: EvalResult, resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, list[float]]:
-    """``map07_ci95`` and ``map_ci95``: 95% percentile-bootstrap intervals over the evaluated images."""
+    """``map07_ci95`` and ``map_ci95``: 95% percentile-bootstrap intervals over the evaluated images; both
+    nan (null in ``metrics/eval.json``) with a warning below :data:`MIN_IMAGES` images (one image would report a zero-width
+    interval: certainty where there is least)."""
+    if 0 < result.num_images < MIN_IMAGES and np.isfinite(result.map07):
+        warnings.warn(f"the evaluated split has {result.num_images} image{'s' * (result.num_images > 1)}: too few "
+                      f"for a bootstrap interval (map07_ci95 and map_ci95 are null; {MIN_IMAGES} or more give one)",
+                      RuntimeWarning, stacklevel=2)
+        return {"map07_ci95": [float("nan")] * 2, "map_ci95": [float("nan")] * 2,
+                "bootstrap": {"resamples": 0, "seed": seed, "unit": "image"}}
     maps, maps07 = resampled_maps(result, image_draws(result.num_images, resamples, seed))
     return {"map07_ci95": interval(maps07, result.map07), "map_ci95": interval(maps, result.map),
             "bootstrap": {"resamples": resamples, "seed": seed, "unit": "image"}}

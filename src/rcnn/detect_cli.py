@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from rcnn.detection import detect_image
 from rcnn.detector import Detector
 from rcnn.detectors import load_detector
 from rcnn.drawing import draw_detections, write_image
-from rcnn.errors import RcnnError, run_cli
+from rcnn.errors import CliParser, RcnnError, run_cli
 from rcnn.evaluation import Detections
 from rcnn.fileio import write_json
 
@@ -35,7 +36,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rcnn-detect", description="Detect objects with a trained checkpoint in "
+    parser = CliParser(prog="rcnn-detect", description="Detect objects with a trained checkpoint in "
                                      "images, folders, glob patterns or videos; prints 'label score x1 y1 x2 y2' "
                                      "(1-based VOC corners), prefixed by file and frame for several inputs.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO")
@@ -64,6 +65,40 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RcnnError(f"--every {args.every} is invalid: score every N-th frame with N >= 1")
     if args.json is not None and args.json.is_dir():
         raise RcnnError(f"--json {args.json} is a folder: name the file to write, e.g. {args.json / 'detections.json'}")
+
+
+def _writable_place(flag: str, path: Path) -> None:
+    """``path`` can be created: the nearest existing folder above it is a folder and writable."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RcnnError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise RcnnError(f"{flag} {path}: {parent} is not writable")
+
+
+def check_outputs(args: argparse.Namespace, paths: Sequence[Path], single_file: bool) -> None:
+    """Before any work: ``--json`` and ``--out`` can be written, and writing them replaces no input and not the
+    checkpoint."""
+    protected = {p.resolve() for p in [*paths, args.checkpoint]}
+    if args.json is not None:
+        _writable_place("--json", args.json)
+        if args.json.resolve() in protected:
+            raise RcnnError(f"--json {args.json} is one of the inputs or the checkpoint: choose another name")
+    if args.out is None:
+        return
+    if single_file:
+        _writable_place("--out", args.out)
+        if args.out.resolve() in protected:
+            raise RcnnError(f"--out {args.out} is one of the inputs or the checkpoint: choose another name")
+        return
+    if args.out.exists() and not args.out.is_dir():
+        raise RcnnError(f"--out {args.out} is a file: name a folder for the drawn images and videos")
+    _writable_place("--out", args.out / "x")
+    if any(p.resolve().parent == args.out.resolve() for p in paths):
+        raise RcnnError(f"--out {args.out} holds inputs, which drawn images of the same name would replace: "
+                        f"choose another folder")
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -171,14 +206,17 @@ def _detect_video(path: Path, detector: Detector, args: argparse.Namespace, outp
     report.frames += scored
 
 
+def writes_one_image(paths: Sequence[Path], args: argparse.Namespace) -> bool:
+    """``--out`` names the drawn image itself (one image in, an image file name out) rather than a folder."""
+    return len(paths) == 1 and paths[0].suffix.lower() not in VIDEO_SUFFIXES and args.out is not None \
+        and args.out.suffix.lower() in IMAGE_SUFFIXES
+
+
 def detect_inputs(paths: Sequence[Path], detector: Detector, args: argparse.Namespace) -> Report:
     """Detect on every image and video of ``paths``; unreadable ones are skipped and reported."""
     report = Report()
     single = len(paths) == 1 and paths[0].suffix.lower() not in VIDEO_SUFFIXES
-    single_file = single and args.out is not None and args.out.suffix.lower() in IMAGE_SUFFIXES
-    if args.out is not None and args.out.exists() and not args.out.is_dir() and not single_file:
-        raise RcnnError(f"--out {args.out} is a file: name a folder for the drawn images and videos")
-    outputs = _Outputs(args.out, single_file)
+    outputs = _Outputs(args.out, writes_one_image(paths, args))
     for path in tqdm(paths, desc="detect", unit="input", disable=single):
         if path.suffix.lower() in VIDEO_SUFFIXES:
             _detect_video(path, detector, args, outputs, report, not single)
@@ -206,12 +244,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths = expand_inputs(args.inputs)
         if not paths:
             raise RcnnError(f"no image or video in {' '.join(args.inputs)}")
+        check_outputs(args, paths, writes_one_image(paths, args))
         try:
             detector = load_detector(args.checkpoint, args.device, score_threshold=args.score, nms_iou=args.nms,
                                      max_detections=args.max_detections)
         except RcnnError as err:  # the device check speaks of params.yaml's key; here it came from --device
             raise RcnnError(str(err).replace("train.device", "--device")) from None
         report = detect_inputs(paths, detector, args)
+        if report.skipped and not report.images and not report.frames:
+            first = report.skipped[0]
+            raise RcnnError(f"{first['file']}: {first['reason']}" if len(paths) == 1 else
+                            f"none of the {len(paths)} inputs could be read (the first, {first['file']}: "
+                            f"{first['reason']})")
         if args.json is not None:
             write_json(args.json, {"checkpoint": str(args.checkpoint), "classes": detector.classes,
                                    "images": report.images, "frames": report.frames, "skipped": report.skipped,

@@ -87,5 +87,5 @@ def load_detector(path: str | Path, device: str = "auto", **settings: float):  #
     from rcnn.device import select_device
 
     payload = read_checkpoint(path)
-    detector_cls = _resolve(family(checkpoint_arch(payload)).detector)
+    detector_cls = _resolve(family(checkpoint_arch(payload, path, FAMILIES)).detector)
     return detector_cls.from_payload(payload, path, select_device(device), **settings)

@@ -211,20 +211,45 @@ def verify_archive(archive: Path) -> None:
         raise RcnnError(f"{archive}: corrupt or truncated archive ({err}); download or copy it again") from None
 
 
-def safe_extract(archive: Path, target: Path) -> None:
+def _check_zip_member(archive: Path, info: zipfile.ZipInfo, seen: set[str]) -> None:
+    _check_member_name(archive, info.filename)
+    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+        raise RcnnError(f"{archive}: refusing to extract link {info.filename!r}")
+    if info.filename in seen:  # the later copy would silently replace the earlier one
+        raise RcnnError(f"{archive}: member {info.filename!r} appears twice")
+    seen.add(info.filename)
+
+
+def _check_size(archive: Path, sizes: Sequence[int], max_bytes: int, max_files: int) -> None:
+    """Refuse, before extracting, an archive whose members would fill the disk (a zip bomb) or the folder."""
+    if len(sizes) > max_files:
+        raise RcnnError(f"{archive}: {len(sizes):,} members, above the data.max_extract_files limit of "
+                        f"{max_files:,}; refusing (raise the limit if the archive is trusted)")
+    total = sum(sizes)
+    if total > max_bytes:
+        raise RcnnError(f"{archive}: expands to {total / 2**30:.1f} GiB, above the data.max_extract_bytes limit of "
+                        f"{max_bytes / 2**30:.1f} GiB; refusing (raise the limit if the archive is trusted)")
+
+
+def safe_extract(archive: Path, target: Path, max_bytes: int = DataParams.max_extract_bytes,
+                 max_files: int = DataParams.max_extract_files) -> None:
     """Extract a .tar(.gz)/.tgz/.zip into ``target`` after verifying it (:func:`verify_archive`) and
-    checking every member is harmless."""
+    checking every member is harmless and that together they stay within ``max_bytes`` and ``max_files``."""
     verify_archive(archive)
     target.mkdir(parents=True, exist_ok=True)
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                for name in zf.namelist():
-                    _check_member_name(archive, name)
+                seen: set[str] = set()
+                infos = zf.infolist()
+                for info in infos:
+                    _check_zip_member(archive, info, seen)
+                _check_size(archive, [info.file_size for info in infos], max_bytes, max_files)
                 zf.extractall(target)
             return
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
+            _check_size(archive, [m.size for m in members if m.isfile()], max_bytes, max_files)
             links = {PurePosixPath(m.name) for m in members if m.issym()}
             for member in members:
                 _check_tar_member(archive, member)
@@ -309,6 +334,8 @@ def _convert(fmt: str, root: Path, data: DataParams, out_dir: Path, note: dict) 
         with atomic_dir(out_dir) as tmp:
             write_json(tmp / voc.SOURCE_FILE, {**note, **info})
             return _build_subset(staging / "VOC2007", tmp / "VOC2007", data.splits, data.max_images, os.replace)
+    except RcnnError as err:  # name the user's source, not the staging folder deleted below
+        raise RcnnError(str(err).replace(str(staging / "VOC2007"), f"{root} (as converted to VOC)")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -346,7 +373,7 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-extract.", suffix=".tmp", dir=out_dir.parent))
     try:
         for archive in archives:
-            safe_extract(archive, staging)
+            safe_extract(archive, staging, data.max_extract_bytes, data.max_extract_files)
         fmt = "voc" if data.source == "download" else _announced(data, resolve_format(data.format, staging))
         if fmt != "voc":
             return _convert(fmt, staging, data, out_dir, {"kind": "archive", "source": str(source)})
@@ -356,5 +383,8 @@ def prepare_voc(data: DataParams, out_dir: str | Path, cache_dir: str | Path) ->
             # staging sits next to out_dir (same file system) and is thrown away: move, don't copy
             return _build_subset(voc.find_voc_root(staging), tmp / "VOC2007", data.splits, data.max_images,
                                  os.replace)
+    except RcnnError as err:  # name the archive, not the staging folder deleted below
+        shown = "the downloaded archives" if data.source == "download" else str(source)
+        raise RcnnError(str(err).replace(str(staging), f"{shown} (extracted)")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -48,6 +48,15 @@ def safe_name(text: str) -> str:
     return "_" if cleaned in ("", ".", "..") else cleaned
 
 
+def _named_after(err: OSError, tmp: Path, path: Path) -> OSError:
+    """``err`` (disk full, file too large, ...) naming the output ``path`` rather than the temporary file or
+    folder standing in for it, which is gone by the time the user reads the message."""
+    name = str(err.filename) if err.filename is not None else str(tmp)
+    if err.errno is None or not name.startswith(str(tmp)):
+        return err
+    return type(err)(err.errno, err.strerror, str(path) + name[len(str(tmp)):])
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -60,6 +69,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise _named_after(err, tmp_path, path) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -78,6 +89,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _named_after(err, tmp, path) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -43,3 +43,11 @@ def snapshot(live: Live, to: str | Path) -> None:
     source = Path(live.dir) / PLOTS
     if source.is_dir():
         shutil.copytree(source, Path(to) / PLOTS, dirs_exist_ok=True)
+
+
+def has_curves(folder: str | Path, steps: int) -> bool:
+    """Whether ``folder`` (a resume point's) holds curves of at least ``steps`` logged steps: dvclive's plot
+    files have a header line and one row per logged step (the curves logged every epoch have ``steps``)."""
+    files = sorted((Path(folder) / PLOTS).rglob("*.tsv"))
+    return max((len(f.read_text(encoding="utf-8", errors="replace").splitlines()) - 1 for f in files),
+               default=0) >= steps

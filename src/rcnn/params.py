@@ -59,6 +59,9 @@ class DataParams:
     on_bad_annotation: Literal["error", "skip"] = "error"
     retries: int = field(default=3, metadata=_range(0, 20))
     timeout: float = field(default=60.0, metadata=_range(0, lo_open=True))
+    # archives (data.source or the download) are refused before extraction above these (zip bombs)
+    max_extract_bytes: int = field(default=32 * 2**30, metadata=_range(1))
+    max_extract_files: int = field(default=1_000_000, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class ProposalParams:
     max_proposals: int = field(default=2000, metadata=_range(1))
     max_side: Optional[int] = field(default=500, metadata=_range(32))
     min_size: int = field(default=10, metadata=_range(1))
-    n_jobs: int = -1
+    n_jobs: int = field(default=-1, metadata=_range(-1, 1024))  # -1: every core; 0 is refused below
     backend: Literal["loky", "multiprocessing", "threading", "dask", "ray"] = "loky"
     scheduler: Optional[str] = None
 
@@ -123,7 +126,7 @@ class ModelParams:
 class TrainParams:
     lr: float = field(default=1e-4, metadata=_range(0, 1, lo_open=True))
     batch_size: int = field(default=32, metadata=_range(1))
-    epochs: int = field(default=100, metadata=_range(1))
+    epochs: int = field(default=100, metadata=_range(1, 100_000))
     patience: int = field(default=5, metadata=_range(1))
     val_start: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # share of epochs trained unscored
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -180,7 +183,7 @@ class RenderParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=_range(0, 2**63 - 1))  # torch.manual_seed's limit
     classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))
     data: DataParams = field(default_factory=DataParams)
     proposals: ProposalParams = field(default_factory=ProposalParams)
@@ -320,6 +323,14 @@ def _check_consistency(p: Params) -> None:
             raise ParamError(f"{key} = {split!r} is invalid: expected one of {', '.join(SPLITS)}")
     if not p.data.splits:
         raise ParamError(f"data.splits = [] is invalid: expected at least one of {', '.join(SPLITS)}")
+    twice = next((s for s in p.data.splits if p.data.splits.count(s) > 1), None)
+    if twice is not None:
+        raise ParamError(f"data.splits = {p.data.splits!r} is invalid: it lists {twice!r} twice")
+    pair = {p.data.train_split, p.data.val_split}
+    if len(pair) == 1 or pair in ({"trainval", "train"}, {"trainval", "val"}):
+        raise ParamError(f"data.val_split = {p.data.val_split!r} is invalid: it must not be or overlap "
+                         f"data.train_split = {p.data.train_split!r} (trainval holds train and val): the best epoch "
+                         f"would be picked on training images")
     for split in p.data.splits:
         if split not in SPLITS:
             raise ParamError(f"data.splits = {p.data.splits!r} is invalid: each split must be one of {', '.join(SPLITS)}")
@@ -387,6 +398,19 @@ def _check_rpn(m: ModelParams) -> None:
     if m.rpn_bg_iou > m.rpn_fg_iou:
         raise ParamError(f"model.rpn_bg_iou = {m.rpn_bg_iou!r} is invalid: must be <= model.rpn_fg_iou "
                          f"({m.rpn_fg_iou!r})")
+    if m.arch != "faster_rcnn":
+        return
+    if min(m.rpn_anchor_sizes) > m.max_size:
+        raise ParamError(f"model.rpn_anchor_sizes = {m.rpn_anchor_sizes!r} is invalid: every anchor is larger than "
+                         f"the largest resized image (model.max_size = {m.max_size}), so no object can match one")
+    if not all(0.05 <= ratio <= 20 for ratio in m.rpn_aspect_ratios):
+        raise ParamError(f"model.rpn_aspect_ratios = {m.rpn_aspect_ratios!r} is invalid: for Faster R-CNN each "
+                         f"height/width ratio must be in [0.05, 20]")
+    for phase in ("train", "test"):
+        pre, post = getattr(m, f"rpn_pre_nms_top_n_{phase}"), getattr(m, f"rpn_post_nms_top_n_{phase}")
+        if post > pre:
+            raise ParamError(f"model.rpn_post_nms_top_n_{phase} = {post} is invalid: it must be <= "
+                             f"model.rpn_pre_nms_top_n_{phase} ({pre}), the proposals NMS starts from")
 
 
 _SCHEDULER = re.compile(r"^(?:(?P<scheme>[a-z][a-z0-9+.-]*)://)?(?P<host>\[[^\]]+\]|[^:/\s]+)(?::(?P<port>[^/\s]*))?/?$")

@@ -8,14 +8,13 @@ are never part of a preset: pass them with their own ``-S``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from typing import Sequence
 
 import yaml
 
-from rcnn.errors import RcnnError, run_cli
+from rcnn.errors import CliParser, RcnnError, run_cli
 from rcnn.params import set_dotted
 
 FAST_CPU = {"model.backbone": "mobilenet_v2", "regions.crop_size": 160, "proposals.max_side": 300}
@@ -124,7 +123,7 @@ def options(names: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m rcnn.presets NAME [NAME ...]`` or ``--list``."""
     def run() -> None:
-        parser = argparse.ArgumentParser(prog="python -m rcnn.presets",
+        parser = CliParser(prog="python -m rcnn.presets",
                                          description="Print the dvc exp run -S options of named configurations.")
         parser.add_argument("names", nargs="*", metavar="NAME")
         parser.add_argument("--list", action="store_true", help="list the presets, one line each")

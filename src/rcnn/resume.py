@@ -18,6 +18,7 @@ import hashlib
 import json
 import platform
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
 
@@ -27,6 +28,8 @@ from dvclive import Live
 
 import rcnn
 from rcnn import live as live_mod
+from rcnn.checkpoints import non_finite_tensor, safe_torch_load
+from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir
 from rcnn.params import Params, to_dict
 
@@ -43,26 +46,19 @@ def _dotted(tree: dict[str, Any], key: str) -> Any:
     return tree
 
 
-def _hash_files(digest: "hashlib._Hash", base: Path, paths: Iterable[Path], content: bool = True) -> None:
-    """Each file's path relative to ``base`` and its bytes (or only its size), in sorted order."""
+def _hash_files(digest: "hashlib._Hash", base: Path, paths: Iterable[Path]) -> None:
+    """Each file's path relative to ``base`` and its bytes, in sorted order."""
     for path in sorted(p for p in paths if p.is_file() and not p.name.endswith(".tmp")):
         digest.update(str(path.relative_to(base)).encode() + b"\0")
-        if not content:
-            digest.update(str(path.stat().st_size).encode())
-            continue
         with open(path, "rb") as fh:
             while chunk := fh.read(HASH_CHUNK):
                 digest.update(chunk)
 
 
 def _hash_voc(digest: "hashlib._Hash", voc_dir: Path) -> None:
-    """The VOC folder's annotations, split lists and source record by content, its images by name and size:
-    the download stage checked their bytes, and hashing gigabytes of JPEGs at every start would cost more
-    than the epochs it saves."""
-    files = [p for p in voc_dir.rglob("*") if p.is_file()]
-    small = {".xml", ".txt", ".json"}
-    _hash_files(digest, voc_dir, [p for p in files if p.suffix.lower() in small])
-    _hash_files(digest, voc_dir, [p for p in files if p.suffix.lower() not in small], content=False)
+    """The VOC folder by content, images too: new pixels in a file of the same size must not reuse a point
+    trained on the old ones (VOC2007's 5,011 photos are under a gigabyte, about a second to hash)."""
+    _hash_files(digest, voc_dir, voc_dir.rglob("*"))
 
 
 def resume_key(params: Params, input_dirs: Iterable[str | Path], voc_dir: str | Path | None) -> str:
@@ -92,6 +88,27 @@ def stage_live(live_dir: str | Path, point: "ResumePoint | None") -> ContextMana
     return point.live(live_dir) if point is not None else live_mod.staged_live(live_dir)
 
 
+STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "loop", "live_step", "key")
+
+
+def _state_problem(state: Any, key: str, folder: Path) -> str | None:
+    """What is wrong with a loaded resume state, or None: its keys, its model's finiteness, its curves."""
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        return f"no {missing[0]!r} entry"
+    if state["key"] != key:
+        return "saved for another key"
+    if not isinstance(state["model"], dict) or not isinstance(state["loop"], dict) \
+            or type(state["live_step"]) is not int or state["live_step"] < 0:
+        return "malformed entries"
+    bad = non_finite_tensor(state["model"])
+    if bad is not None:
+        return f"{bad} holds non-finite values"
+    if state["live_step"] > 0 and not live_mod.has_curves(folder / "live", state["live_step"]):
+        return f"its curves of {state['live_step']} epochs are missing or short"
+    return None
+
+
 class ResumePoint:
     """One training's resume point: ``<root>/<key>/state.pt`` and the curves logged up to it.
 
@@ -112,14 +129,22 @@ class ResumePoint:
         self.state = self._load()
 
     def _load(self) -> dict[str, Any] | None:
+        """The saved state, or None: no point, or a damaged one (set aside with a warning: it only costs the
+        epochs it held, while using it would give a silently different model)."""
         path = self.folder / STATE_FILE
         if not path.is_file():
             return None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged resume point only costs the epochs it held
-            return None
-        return state if isinstance(state, dict) and state.get("key") == self.key else None
+            state = safe_torch_load(path, "missing", "{reason}")
+            problem = _state_problem(state, self.key, self.folder)
+        except RcnnError as err:
+            problem = str(err)
+        if problem is None:
+            return state
+        warnings.warn(f"resume point {self.folder} is damaged ({problem}); starting at epoch 0", RuntimeWarning,
+                      stacklevel=3)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return None
 
     def save(self, state: dict[str, Any], live: Live | None) -> None:
         """Replace the resume point with ``state`` and the curves ``live`` has logged so far."""

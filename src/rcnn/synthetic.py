@@ -9,7 +9,6 @@ Usage: ``python -m rcnn.synthetic DIR [--images N] [--seed S]``
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,7 @@ import cv2
 import numpy as np
 
 from rcnn import voc
-from rcnn.errors import RcnnError, run_cli
+from rcnn.errors import CliParser, RcnnError, run_cli
 from rcnn.fileio import atomic_path, write_bytes
 
 DEFAULT_CLASSES = ("car", "dog", "person")
@@ -169,7 +168,7 @@ def generate(out_dir: str | Path, images: int = 50, seed: int = 0, classes: Sequ
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rcnn.synthetic", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m rcnn.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to write (VOC layout: JPEGImages, Annotations, ImageSets)")
     parser.add_argument("--images", type=int, default=50, help="number of images (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

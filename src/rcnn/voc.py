@@ -9,7 +9,10 @@ Boxes come back as 0-based inclusive corners (see :mod:`rcnn.boxes`), clipped to
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from typing import Iterable, Literal, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from rcnn.errors import RcnnError
 from rcnn.fileio import safe_name
@@ -52,9 +56,12 @@ def _text(node: ET.Element, tag: str, path: Path, default: str | None = None) ->
 def _number(node: ET.Element, tag: str, path: Path) -> float:
     value = _text(node, tag, path)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise AnnotationError(f"{path}: <{tag}> is {value!r}, not a number") from None
+    if not math.isfinite(number):  # a nan corner passes every clipping test and then matches nothing
+        raise AnnotationError(f"{path}: <{tag}> is {value!r}, not a finite number")
+    return number
 
 
 def _flag(node: ET.Element, tag: str, path: Path) -> bool:
@@ -176,12 +183,20 @@ def _parse_annotation(path: Path, classes: Sequence[str], on_bad: Literal["error
     )
 
 
+def split_line_id(line: str) -> str:
+    """The image id of one line of a split list: the whole line, stripped (ids may hold spaces: ``my photo``),
+    except in VOC's per-class form ``<id> 1`` / ``<id> -1`` / ``<id> 0``, whose first field it is."""
+    text = line.strip()
+    per_class = re.fullmatch(r"(\S+)\s+(-?1|0)", text)
+    return per_class.group(1) if per_class else text
+
+
 def read_split(root: str | Path, split: str) -> list[str]:
     """Sorted image ids of ``ImageSets/Main/<split>.txt``."""
     path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise RcnnError(f"split {split!r} not found: {path} does not exist")
-    ids = {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
+    ids = {split_line_id(line) for line in path.read_text().splitlines() if line.strip()}
     unsafe = sorted(i for i in ids if safe_name(i) != i)
     if unsafe:  # an id names files under JPEGImages/ and Annotations/: it may not climb out of them
         raise RcnnError(f"{path}: image id {unsafe[0]!r} is not a plain file name (no '/', '\\', '..' or control "
@@ -233,6 +248,26 @@ def load_split(root: str | Path, split: str, classes: Sequence[str],
     return [parse_annotation(annotation_path(root, i), classes, on_bad) for i in read_split(root, split)]
 
 
+MAX_IMAGE_PIXELS = 100_000_000  # 100 MP: decoding is refused above it (a 1 MB PNG can hold 400 MP, 1.2 GB decoded)
+
+
+def check_pixel_limit(data: np.ndarray, path: Path) -> None:
+    """Refuse an image above :data:`MAX_IMAGE_PIXELS` from its header, before decoding its pixels (a format
+    Pillow cannot read is left to OpenCV to accept or refuse)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own decompression-bomb warning: the limit here decides
+            with Image.open(io.BytesIO(data.tobytes())) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:  # only far above Pillow's 89 MP default, so above this limit too
+        raise RcnnError(f"{shown(path)}: more pixels than the {MAX_IMAGE_PIXELS // 10**6} MP limit") from None
+    except (OSError, ValueError):
+        return
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RcnnError(f"{shown(path)}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
+                        f"{MAX_IMAGE_PIXELS // 10**6} MP limit")
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as BGR uint8; a missing or undecodable file raises :class:`RcnnError`."""
     path = Path(path)
@@ -244,7 +279,10 @@ def read_image(path: str | Path) -> np.ndarray:
         raise RcnnError(f"{shown(path)}: cannot read the image ({err.strerror or err})") from None
     if not image_is_complete(data):
         raise RcnnError(f"{shown(path)}: truncated image (its end marker is missing)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if len(data) else None
+    check_pixel_limit(data, path)
+    # The stored pixels, as annotation files describe them: OpenCV would otherwise turn a photo by its EXIF
+    # orientation tag while its boxes stay where they were.
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if len(data) else None
     if image is None or image.size == 0:
         raise RcnnError(f"{shown(path)}: not a decodable image")
     return image

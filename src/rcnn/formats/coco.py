@@ -12,7 +12,8 @@ from typing import Any, Literal, Sequence
 
 from rcnn import voc
 from rcnn.fileio import contained, write_json
-from rcnn.formats.records import BadEntries, FormatError, SourceImage, SourceObject, continuous_to_voc
+from rcnn.formats.records import (BadEntries, FormatError, SourceImage, SourceObject, check_class_name,
+                                  continuous_to_voc, finite_number)
 
 SINGLE_FOLDER_FILE = "_annotations.coco.json"
 SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # the names labelling tools give the validation split
@@ -24,9 +25,16 @@ def split_name(name: str) -> str:
 
 def annotation_files(root: Path) -> dict[str, Path]:
     """``{split: json file}`` of a COCO source at ``root``; empty when it is not one."""
-    found = {split_name(m.group(1)): path for path in sorted((root / "annotations").glob("instances_*.json"))
-             if (m := re.fullmatch(r"instances_(.+)\.json", path.name))}
-    found.update({split_name(path.parent.name): path for path in sorted(root.glob(f"*/{SINGLE_FOLDER_FILE}"))})
+    candidates = [(split_name(m.group(1)), path)
+                  for path in sorted((root / "annotations").glob("instances_*.json"))
+                  if (m := re.fullmatch(r"instances_(.+)\.json", path.name))]
+    candidates += [(split_name(path.parent.name), path) for path in sorted(root.glob(f"*/{SINGLE_FOLDER_FILE}"))]
+    found: dict[str, Path] = {}
+    for split, path in candidates:
+        if split in found:  # e.g. instances_val.json and instances_validation.json: which one is meant?
+            raise FormatError(f"{root}: split {split!r} has two annotation files, {found[split].relative_to(root)} "
+                              f"and {path.relative_to(root)}: remove one")
+        found[split] = path
     return found
 
 
@@ -35,10 +43,18 @@ def _load(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FormatError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
-        raise FormatError(f"{path}: not a COCO annotation file (expected lists 'images' and 'categories', and "
+    except RecursionError:
+        raise FormatError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")) \
+            or not isinstance(data.get("annotations", []), list):
+        raise FormatError(f"{path}: not a COCO annotation file (expected lists 'images', 'categories' and "
                           f"'annotations')")
     return data
+
+
+def _entry_id(value: Any) -> bool:
+    """COCO ids are integers; labelling tools also write strings. Never booleans, lists or objects."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
 
 def _image_file(root: Path, json_path: Path, split_dir: str, file_name: str, what: str) -> Path | None:
@@ -51,51 +67,54 @@ def _image_file(root: Path, json_path: Path, split_dir: str, file_name: str, wha
     return None
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def read_split(root: Path, split_dir: str, path: Path, bad: BadEntries) -> tuple[list[SourceImage], list[str]]:
     """The images of one COCO file, with their objects, and the file's category names."""
     data = _load(path)
     categories: dict[int, str] = {}
     for cat in data["categories"]:
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+        if not isinstance(cat, dict) or type(cat.get("id")) is not int or not isinstance(cat.get("name"), str):
             raise FormatError(f"{path}: category {cat!r} needs an integer 'id' and a 'name'")
-        categories[cat["id"]] = cat["name"]
+        if cat["id"] in categories:
+            raise FormatError(f"{path}: duplicate category id {cat['id']} ({categories[cat['id']]!r} and "
+                              f"{cat['name']!r})")
+        categories[cat["id"]] = check_class_name(cat["name"], f"{path}: category {cat['id']}")
     images: dict[int, SourceImage] = {}
     for entry in data["images"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or "id" not in entry:
-            raise FormatError(f"{path}: image entry {entry!r} needs an 'id' and a 'file_name'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not _entry_id(entry.get("id")):
+            raise FormatError(f"{path}: image entry {entry!r} needs an integer or string 'id' and a 'file_name'")
         if entry["id"] in images:
             raise FormatError(f"{path}: duplicate image id {entry['id']!r}")
         file = _image_file(root, path, split_dir, entry["file_name"], f"{path}: image {entry['id']!r} file_name")
         if file is None:
             raise FormatError(f"{path}: image {entry['file_name']!r} (id {entry['id']!r}) is listed but missing")
         width, height = entry.get("width"), entry.get("height")
-        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-            raise FormatError(f"{path}: image {entry['file_name']!r} needs positive integer 'width' and 'height'")
+        if not (type(width) is int and type(height) is int and width > 0 and height > 0):
+            raise FormatError(f"{path}: image {entry['file_name']!r} needs positive integer 'width' and 'height' "
+                              f"(got {width!r} and {height!r})")
         images[entry["id"]] = SourceImage(Path(entry["file_name"]).stem, file, width, height)
     for number, ann in enumerate(data.get("annotations", [])):
         where = f"{path}: annotation {ann.get('id', number) if isinstance(ann, dict) else number}"
-        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+        if not isinstance(ann, dict) or not _entry_id(ann.get("image_id")) or ann["image_id"] not in images:
             raise FormatError(f"{where} refers to no listed image")
         image = images[ann["image_id"]]
-        if ann.get("category_id") not in categories:
+        if type(ann.get("category_id")) is not int or ann["category_id"] not in categories:
             bad(f"{where} has unknown category id {ann.get('category_id')!r} (categories: "
                 f"{sorted(categories)})")
             continue
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
-            bad(f"{where} has bbox {box!r}, not [x, y, width, height]")
+        if not (isinstance(box, list) and len(box) == 4 and all(finite_number(v) for v in box)):
+            bad(f"{where} has bbox {box!r}, not [x, y, width, height] of finite numbers")
             continue
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):  # bool("0") is True: a string would make it difficult
+            raise FormatError(f"{where} has iscrowd {crowd!r}, expected 0 or 1")
         x, y, w, h = (float(v) for v in box)
         corners = continuous_to_voc(x, y, x + w, y + h, image.width, image.height) if w > 0 and h > 0 else None
         if corners is None:
             bad(f"{where} has an empty box or one outside the {image.width}x{image.height} image: {box}")
             continue
         truncated = corners != (x + 1.0, y + 1.0, x + w, y + h)
-        image.objects.append(SourceObject(categories[ann["category_id"]], corners, bool(ann.get("iscrowd", 0)),
+        image.objects.append(SourceObject(categories[ann["category_id"]], corners, bool(crowd),
                                           truncated))
     return list(images.values()), [categories[k] for k in sorted(categories)]
 

@@ -55,9 +55,12 @@ def _write_image(image: SourceImage, target: Path) -> bool:
         if f.read(3) == b"\xff\xd8\xff":
             shutil.copyfile(image.path, target)
             return False
-    pixels = cv2.imread(str(image.path), cv2.IMREAD_COLOR)
-    if pixels is None or not cv2.imwrite(str(target), pixels, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-        raise FormatError(f"{image.path}: not a readable image")
+    try:
+        pixels = voc.read_image(image.path)  # the stored pixels, within the pixel limit
+    except RcnnError as err:
+        raise FormatError(str(err)) from None
+    if not cv2.imwrite(str(target), pixels, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+        raise FormatError(f"{target}: could not write the image")
     return True
 
 

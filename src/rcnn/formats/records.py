@@ -3,6 +3,8 @@ for a bad entry (an error naming file and entry, or with ``on_bad: skip`` a warn
 
 from __future__ import annotations
 
+import math
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,30 @@ from rcnn.errors import RcnnError
 
 class FormatError(RcnnError):
     """A COCO or YOLO source that cannot be converted."""
+
+
+def finite_number(value: object) -> bool:
+    """An int or float that is finite (JSON's ``NaN``/``Infinity`` and YAML's ``.nan`` are not; nor is ``true``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_class_name(name: object, where: str) -> str:
+    """``name`` if it can be a class name, else a FormatError naming ``where``: a string, not ``background``
+    (index 0 is background), without invisible characters (a BOM or a zero-width space makes a name that looks
+    like another but is not) or control characters."""
+    if isinstance(name, bool):
+        raise FormatError(f"{where} is {str(name).lower()} (YAML reads unquoted yes/no/on/off/true/false as "
+                          f"booleans): quote it")
+    if not isinstance(name, str):
+        raise FormatError(f"{where} is {name!r}, not a class name (quote it if it is a number)")
+    hidden = next((c for c in name if unicodedata.category(c) in ("Cf", "Cc", "Zl", "Zp")), None)
+    if hidden is not None:
+        raise FormatError(f"{where} {name!r} contains an invisible character U+{ord(hidden):04X}: remove it")
+    if not name.strip():
+        raise FormatError(f"{where} is an empty class name")
+    if name == "background":
+        raise FormatError(f"{where} is named 'background', which is reserved (index 0 is background): rename it")
+    return name
 
 
 @dataclass

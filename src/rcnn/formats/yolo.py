@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from rcnn import voc
 from rcnn.fileio import contained
-from rcnn.formats.records import BadEntries, FormatError, SourceImage, SourceObject, continuous_to_voc
+from rcnn.formats.records import BadEntries, FormatError, SourceImage, SourceObject, check_class_name, continuous_to_voc
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_KEYS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
@@ -27,7 +27,7 @@ def data_file(root: Path) -> Path | None:
         if path.is_file() and (root / "labels").is_dir():
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError:
+            except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
                 return path  # read() reports it
             if isinstance(data, dict) and "names" in data:
                 return path
@@ -36,11 +36,23 @@ def data_file(root: Path) -> Path | None:
 
 def _names(path: Path, data: dict[str, Any]) -> list[str]:
     names = data.get("names")
-    if isinstance(names, dict) and all(isinstance(k, int) for k in names):
+    if isinstance(names, dict) and all(type(k) is int for k in names):
         names = [names[k] for k in sorted(names)] if sorted(names) == list(range(len(names))) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, list) or not names:
         raise FormatError(f"{path}: 'names' must be a list of class names (or a mapping 0..N-1 -> name)")
+    names = [check_class_name(name, f"{path}: names[{i}]") for i, name in enumerate(names)]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise FormatError(f"{path}: names lists {twice!r} twice")
     return names
+
+
+def _text(path: Path) -> str:
+    """A label or dataset file's text; one FormatError naming it when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def label_path(image: Path) -> Path:
@@ -59,7 +71,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _read_labels(path: Path, image: SourceImage, names: Sequence[str], bad: BadEntries) -> None:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -75,7 +87,7 @@ def _read_labels(path: Path, image: SourceImage, names: Sequence[str], bad: BadE
         if not 0 <= label < len(names):
             bad(f"{where} has unknown class id {label} (names has {len(names)}: 0..{len(names) - 1})")
             continue
-        if not all(0.0 <= v <= 1.0 for v in values):
+        if not all(0.0 <= v <= 1.0 for v in values):  # nan fails every comparison, so it is refused here
             bad(f"{where} has values outside 0..1: {line.strip()!r}")
             continue
         cx, cy, w, h = values[0] * image.width, values[1] * image.height, values[2] * image.width, values[3] * image.height
@@ -107,9 +119,11 @@ def read(root: Path, on_bad: Literal["error", "skip"]) -> tuple[dict[str, list[S
     if path is None:
         raise FormatError(f"{root}: no YOLO data.yaml with 'names' beside a labels/ folder")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_text(path))
     except yaml.YAMLError as err:
         raise FormatError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: not a YOLO dataset file (expected keys 'names' and the splits)")
     names = _names(path, data)
@@ -118,6 +132,11 @@ def read(root: Path, on_bad: Literal["error", "skip"]) -> tuple[dict[str, list[S
     bad = BadEntries(on_bad)
     splits: dict[str, list[SourceImage]] = {}
     labelled: set[Path] = set()
+    given = [key for key in SPLIT_KEYS if data.get(key) is not None]
+    clash = next(((a, b) for a in given for b in given if a < b and SPLIT_KEYS[a] == SPLIT_KEYS[b]), None)
+    if clash is not None:
+        raise FormatError(f"{path}: both {clash[0]!r} and {clash[1]!r} are given, and both name split "
+                          f"{SPLIT_KEYS[clash[0]]!r}: keep one")
     for key, split in SPLIT_KEYS.items():
         if data.get(key) is None:
             continue
