@@ -134,9 +134,13 @@ def test_a_damaged_resume_point_starts_over(tmp_path):
     point = resume.ResumePoint(tmp_path, "abc")
     point.folder.mkdir(parents=True)
     (point.folder / resume.STATE_FILE).write_bytes(b"not a checkpoint")
-    assert resume.ResumePoint(tmp_path, "abc").state is None
+    with pytest.warns(RuntimeWarning, match="is damaged .*; starting at epoch 0"):
+        assert resume.ResumePoint(tmp_path, "abc").state is None
+    assert not point.folder.exists()  # set aside: the next save starts clean
+    point.folder.mkdir(parents=True)
     torch.save({"key": "other"}, point.folder / resume.STATE_FILE)
-    assert resume.ResumePoint(tmp_path, "abc").state is None
+    with pytest.warns(RuntimeWarning, match="is damaged"):
+        assert resume.ResumePoint(tmp_path, "abc").state is None
 
 
 def test_the_key_covers_the_params_the_train_stage_declares():
