@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rcnn import voc
 from rcnn.errors import RcnnError
-from rcnn.fileio import atomic_dir, write_json
+from rcnn.fileio import atomic_dir, contained, write_json
 from rcnn.formats.convert import convert_to_voc, resolve_format
 from rcnn.params import DataParams
 
@@ -151,13 +151,17 @@ def download_archive(name: str, mirrors: Sequence[str], cache_dir: Path, retries
                     + " (offline? set data.source to a local VOC-format folder or archive)")
 
 
-def _check_member_name(archive: Path, name: str) -> None:
-    """Refuse member paths that could land outside the extraction folder."""
+def _check_member_name(archive: Path, name: str, target: Path) -> None:
+    """Refuse member paths that could land outside the extraction folder ``target``: absolute ones, and
+    any that :func:`rcnn.fileio.contained` (the one rule for paths a data set names) finds outside it."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
         raise RcnnError(f"{archive}: refusing to extract member {name!r}: absolute path")
-    if ".." in path.parts:
-        raise RcnnError(f"{archive}: refusing to extract member {name!r}: '..' in path")
+    try:
+        contained(target, str(path), f"{archive}: member")
+    except RcnnError:
+        raise RcnnError(f"{archive}: refusing to extract member {name!r}: '..' in path climbs out of the archive's "
+                        f"folder") from None
 
 
 def _escapes(path: PurePosixPath) -> bool:
@@ -170,8 +174,8 @@ def _escapes(path: PurePosixPath) -> bool:
     return False
 
 
-def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> None:
-    _check_member_name(archive, member.name)
+def _check_tar_member(archive: Path, member: tarfile.TarInfo, target: Path) -> None:
+    _check_member_name(archive, member.name, target)
     if member.issym() or member.islnk():
         # symlink targets are relative to the member's folder, hardlink targets to the archive root
         target = PurePosixPath(member.linkname.replace("\\", "/"))
@@ -211,8 +215,8 @@ def verify_archive(archive: Path) -> None:
         raise RcnnError(f"{archive}: corrupt or truncated archive ({err}); download or copy it again") from None
 
 
-def _check_zip_member(archive: Path, info: zipfile.ZipInfo, seen: set[str]) -> None:
-    _check_member_name(archive, info.filename)
+def _check_zip_member(archive: Path, info: zipfile.ZipInfo, seen: set[str], target: Path) -> None:
+    _check_member_name(archive, info.filename, target)
     if (info.external_attr >> 16) & 0o170000 == 0o120000:
         raise RcnnError(f"{archive}: refusing to extract link {info.filename!r}")
     if info.filename in seen:  # the later copy would silently replace the earlier one
@@ -243,7 +247,7 @@ def safe_extract(archive: Path, target: Path, max_bytes: int = DataParams.max_ex
                 seen: set[str] = set()
                 infos = zf.infolist()
                 for info in infos:
-                    _check_zip_member(archive, info, seen)
+                    _check_zip_member(archive, info, seen, target)
                 _check_size(archive, [info.file_size for info in infos], max_bytes, max_files)
                 zf.extractall(target)
             return
@@ -252,7 +256,7 @@ def safe_extract(archive: Path, target: Path, max_bytes: int = DataParams.max_ex
             _check_size(archive, [m.size for m in members if m.isfile()], max_bytes, max_files)
             links = {PurePosixPath(m.name) for m in members if m.issym()}
             for member in members:
-                _check_tar_member(archive, member)
+                _check_tar_member(archive, member, target)
                 if any(parent in links for parent in PurePosixPath(member.name).parents):
                     # a path through a symlink defeats the name checks above (link chains)
                     raise RcnnError(f"{archive}: refusing to extract {member.name!r}: it lies under a symlink")
