@@ -100,6 +100,18 @@ def test_d2_d3_m8_bad_coco_entries_are_one_error_naming_the_file(sources: Path, 
     assert not (tmp_path / "data" / "voc").exists()
 
 
+def test_m4_a_conversion_error_names_the_users_source_not_the_deleted_staging_folder(sources: Path, tmp_path: Path,
+                                                                                     monkeypatch):
+    def fails(src: Path, *args, **kwargs):
+        raise RcnnError(f"image 'x' is listed in {src / 'ImageSets' / 'Main'} but {src / 'JPEGImages' / 'x.jpg'} "
+                        f"is missing")
+
+    monkeypatch.setattr(download, "_build_subset", fails)
+    with pytest.raises(RcnnError) as err:
+        _prepare(sources / "coco", tmp_path)
+    assert ".tmp" not in str(err.value) and f"{sources / 'coco'} (as converted to VOC)/JPEGImages" in str(err.value)
+
+
 def test_m6_two_coco_files_for_one_split_are_refused(sources: Path, tmp_path: Path):
     source = _coco_variant(sources, tmp_path, lambda d: None)
     shutil.copy(source / "annotations" / "instances_val.json", source / "annotations" / "instances_validation.json")

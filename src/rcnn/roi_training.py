@@ -250,7 +250,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
                                                       [{k: v.to(device) for k, v in x.items()} for x in targets])
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise RcnnError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower train.lr = {t.lr} "
+                raise RcnnError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower train.lr (now {t.lr}) "
                                 f"or add train.warmup_epochs")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

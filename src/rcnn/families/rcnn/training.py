@@ -156,7 +156,7 @@ def fit(model: RegionClassifier, data: TrainData, params: Params, device: torch.
             break
     seconds = earlier_seconds + time.perf_counter() - start
     if best["best_epoch"] == 0:
-        raise RcnnError(f"training diverged: the validation loss was never finite; lower train.lr = {t.lr}")
+        raise RcnnError(f"training diverged: the validation loss was never finite; lower train.lr (now {t.lr})")
     learned.load_state_dict(best_state)
     model.eval()
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
