@@ -162,6 +162,8 @@ def test_plots_show_writes_html(project: Path):
     run(["dvc", "plots", "show", "-o", str(out)], project)
     html = (out / "index.html").read_text()
     assert "loss" in html and "precision" in html
+    # offline: vega, vega-lite and vega-embed are inlined by .dvc/plots.html, no script comes over the network
+    assert "<script src=" not in html and "vegaEmbed" in html and 'var e="5.20.2"' in html
     listed = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     assert "metrics/confusion.json" in listed  # DVC's confusion template over the evaluate stage's records
     # each curve drawn once: in the top-level loss/accuracy charts, not again file by file
