@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             width = max(map(len, PRESETS))
             for name, (summary, _) in PRESETS.items():
                 print(f"{name:<{width}}  {summary}")
+            print("\nEvery preset assumes ImageNet-pretrained weights: model.weights=imagenet (downloads) or a local "
+                  ".pth of the backbone (torchvision's, e.g. mobilenet_v2-b0353104.pth, or its features only); "
+                  "with model.weights=none they start from random features and may learn nothing.")
             return
         if not args.names:
             raise RcnnError("name at least one preset (python -m rcnn.presets --list shows them)")
