@@ -42,7 +42,8 @@ def test_later_presets_win():
 def test_cli_lists_prints_and_rejects_unknown_names():
     cli = [sys.executable, "-m", "rcnn.presets"]
     listed = subprocess.run([*cli, "--list"], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert [line.split()[0] for line in listed] == list(presets.PRESETS)
+    assert [line.split()[0] for line in listed[:len(presets.PRESETS)]] == list(presets.PRESETS)
+    assert "assumes ImageNet-pretrained weights" in listed[-1]  # what model.weights=none means for them
     printed = subprocess.run([*cli, "fast-rcnn"], capture_output=True, text=True, check=True).stdout
     assert printed.split() == presets.options(["fast-rcnn"])
     bad = subprocess.run([*cli, "fastest"], capture_output=True, text=True)
