@@ -6,11 +6,16 @@ import dataclasses
 import subprocess
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from rcnn import proposals, regions
+from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.families.rcnn import features
-from rcnn.params import ModelParams, Params, TrainParams
+from rcnn.formats import coco, yolo
+from rcnn.params import ModelParams, Params, TrainParams, from_dict
+from rcnn.roi_detector import save_roi_detector
 from rcnn.synthetic import generate
 
 REGION_CLASSES = ["car", "dog", "person"]
@@ -28,6 +33,32 @@ def shipped_params_text() -> str:
 def synthetic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 24-image synthetic VOC-format folder (classes car, dog, person); treat it as read-only."""
     return generate(tmp_path_factory.mktemp("synthetic") / "VOC2007", images=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def format_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-image synthetic set as ``voc/VOC2007``, its COCO copy ``coco`` and YOLO copy ``yolo``, and an image
+    outside all of them, ``outside/secret.jpg``; treat them as read-only (copy one to change it)."""
+    root = tmp_path_factory.mktemp("format-sources")
+    generate(root / "voc" / "VOC2007", images=6, seed=1)
+    splits = ["train", "val", "test"]
+    coco.export(root / "voc" / "VOC2007", root / "coco", splits, REGION_CLASSES)
+    yolo.export(root / "voc" / "VOC2007", root / "yolo", splits, REGION_CLASSES)
+    (root / "outside").mkdir()
+    cv2.imwrite(str(root / "outside" / "secret.jpg"), np.full((64, 80, 3), 200, np.uint8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained Fast R-CNN checkpoint (resnet18, random weights, classes car, dog, person): detection
+    plumbing only, scores near uniform."""
+    params = from_dict({"classes": REGION_CLASSES, "model": {"arch": "fast_rcnn", "backbone": "resnet18",
+                                                             "weights": "none", "image_size": 128, "max_size": 192,
+                                                             "roi_channels": 32, "hidden": 64}})
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    save_roi_detector(path, build_fast_rcnn(params, 0.5, 0.5), params, {})
+    return path
 
 
 @pytest.fixture(scope="session")

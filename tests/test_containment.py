@@ -20,24 +20,15 @@ from rcnn import download, voc
 from rcnn.errors import ParamError, RcnnError
 from rcnn.evaluation import results_file
 from rcnn.fileio import contained, safe_name
-from rcnn.formats import coco, yolo
 from rcnn.params import DataParams, from_dict
-from rcnn.synthetic import generate
 
 CLASSES = ["car", "dog", "person"]
 SPLITS = ["train", "val", "test"]
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-image synthetic set, its COCO and YOLO copies, and a secret image outside all of them."""
-    root = tmp_path_factory.mktemp("containment")
-    generate(root / "voc" / "VOC2007", images=6, seed=1)
-    coco.export(root / "voc" / "VOC2007", root / "coco", SPLITS, CLASSES)
-    yolo.export(root / "voc" / "VOC2007", root / "yolo", SPLITS, CLASSES)
-    (root / "outside").mkdir()
-    cv2.imwrite(str(root / "outside" / "secret.jpg"), np.full((64, 80, 3), 200, np.uint8))
-    return root
+@pytest.fixture
+def sources(format_sources: Path) -> Path:
+    return format_sources
 
 
 def _copy(src: Path, dst: Path) -> Path:

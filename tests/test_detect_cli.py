@@ -12,22 +12,13 @@ import pytest
 
 from rcnn import voc
 from rcnn.detect_cli import main
-from rcnn.families.fast_rcnn.model import build_fast_rcnn
-from rcnn.params import from_dict
-from rcnn.roi_detector import save_roi_detector
 
 CLASSES = ["car", "dog", "person"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained Fast R-CNN (resnet18, random weights): detection plumbing only, scores near uniform."""
-    params = from_dict({"classes": CLASSES, "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none",
-                                                      "image_size": 128, "max_size": 192, "roi_channels": 32,
-                                                      "hidden": 64}})
-    path = tmp_path_factory.mktemp("detect-cli") / "model.pt"
-    save_roi_detector(path, build_fast_rcnn(params, 0.5, 0.5), params, {})
-    return path
+@pytest.fixture
+def checkpoint(untrained_checkpoint: Path) -> Path:
+    return untrained_checkpoint
 
 
 def _video(path: Path, frames: int) -> Path:

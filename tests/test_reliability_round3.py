@@ -22,7 +22,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from rcnn import download, voc
@@ -34,24 +33,17 @@ from rcnn.errors import ParamError, RcnnError, run_cli
 from rcnn.evaluation import Detections, evaluate_detections
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.fileio import write_bytes
-from rcnn.formats import coco, yolo
-from rcnn.formats.records import FormatError
+from rcnn.formats import coco
 from rcnn.params import DataParams, from_dict
 from rcnn.resume import ResumePoint, resume_key
-from rcnn.roi_detector import save_roi_detector
-from rcnn.synthetic import generate
 
 CLASSES = ["car", "dog", "person"]
 SPLITS = ["train", "val", "test"]
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("round3")
-    generate(root / "voc" / "VOC2007", images=6, seed=2)
-    coco.export(root / "voc" / "VOC2007", root / "coco", SPLITS, CLASSES)
-    yolo.export(root / "voc" / "VOC2007", root / "yolo", SPLITS, CLASSES)
-    return root
+@pytest.fixture
+def sources(format_sources: Path) -> Path:
+    return format_sources
 
 
 def _coco_variant(sources: Path, tmp_path: Path, change) -> Path:
@@ -195,14 +187,9 @@ def test_m3_an_image_above_the_pixel_limit_is_refused_before_decoding(tmp_path: 
 
 # --- damaged files: refused, or for a resume point set aside (D7, M11, M12, N3, D8, D9)
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    params = from_dict({"classes": CLASSES, "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none",
-                                                      "image_size": 96, "max_size": 128, "roi_channels": 8,
-                                                      "hidden": 16}})
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_roi_detector(path, build_fast_rcnn(params), params, {})
-    return path
+@pytest.fixture
+def checkpoint(untrained_checkpoint: Path) -> Path:
+    return untrained_checkpoint
 
 
 def _flip_first_byte_of(path: Path, out: Path, member_suffix: str) -> None:
