@@ -147,3 +147,12 @@ def test_a_stage_prints_a_warning_as_one_warning_line():
             "run_cli(lambda: warnings.warn('the model learned 2 of 3 classes but no foreground of dog', RuntimeWarning))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "warning: the model learned 2 of 3 classes but no foreground of dog\n"
+
+
+def test_the_advice_leads_with_pretrained_weights_when_the_backbone_started_random():
+    from rcnn.class_accuracy import with_weights_advice
+
+    assert with_weights_advice("train longer", "imagenet") == "train longer"
+    advice = with_weights_advice("train longer", "none")
+    assert advice.startswith("give the backbone pretrained weights first (model.weights, now none") and \
+        advice.endswith("or train longer")

@@ -77,6 +77,15 @@ def total_collapse(tally: ClassTally) -> str | None:
     return None
 
 
+def with_weights_advice(advice: str, weights: str) -> str:
+    """``advice``, led by the likeliest cause where the backbone started from random weights: every preset
+    assumes pretrained ones."""
+    if weights != "none":
+        return advice
+    return (f"give the backbone pretrained weights first (model.weights, now none: imagenet, or a local .pth; the "
+            f"presets assume them), or {advice}")
+
+
 def check_trained(tally: ClassTally, classes: Sequence[str], objects: np.ndarray, advice: str,
                   allow: bool = False) -> tuple[str | None, list[dict]]:
     """The collapse check: one error naming ``advice`` (what to change) if the model learned no class at all

@@ -32,7 +32,8 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn import voc
-from rcnn.class_accuracy import ClassTally, check_trained, check_training_objects, objects_per_class
+from rcnn.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
+                                  with_weights_advice)
 from rcnn.errors import RcnnError
 from rcnn.detector import labelled_split_ap, postprocess_settings, scored_regions_recall, warn_if_unscorable
 from rcnn.fileio import write_json
@@ -290,8 +291,9 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     model.load_state_dict(best_state)
     trained = roi_meter(model, train, t.images_per_batch, device).tally
     collapsed, unlearned = check_trained(
-        trained, params.classes, objects, f"train longer (train.min_steps, now {t.min_steps}; train.epochs, now "
-        f"{t.epochs}; this run made {steps} steps an epoch) or lower train.lr (now {t.lr})", t.allow_collapse)
+        trained, params.classes, objects, with_weights_advice(
+            f"train longer (train.min_steps, now {t.min_steps}; train.epochs, now {t.epochs}; this run made {steps} "
+            f"steps an epoch) or lower train.lr (now {t.lr})", params.model.weights), t.allow_collapse)
     best.update(collapsed=collapsed, unlearned_classes=unlearned, train_fg_accuracy=trained.per_class(params.classes),
                 train_fg_accuracy_overall=trained.fg_accuracy(),
                 train_proposal_recall=training_proposal_recall(model, detector_cls, train, params, device))

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from rcnn.families.rcnn import features as features_mod
 from rcnn import regions, voc
 from rcnn.families.rcnn.bbox_regression import fit_box_regressor
-from rcnn.class_accuracy import ClassTally, check_trained, check_training_objects, objects_per_class
+from rcnn.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
+                                  with_weights_advice)
 from rcnn.errors import RcnnError
 from rcnn.fileio import write_json
 from rcnn.families.rcnn.finetune import ProposalSampler
@@ -333,9 +334,10 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         # Checked, saved and written inside the block: the curves land only with the model they describe.
         trained = _final_tally(model, svm, train, params.num_classes, device)
         collapsed, unlearned = check_trained(
-            trained, params.classes, objects,
-            f"train longer (train.epochs, now {t.epochs}; train.patience, now {t.patience}), another train.lr (now "
-            f"{t.lr}) or more weight on objects (train.object_weight, now {t.object_weight})", t.allow_collapse)
+            trained, params.classes, objects, with_weights_advice(
+                f"train longer (train.epochs, now {t.epochs}; train.patience, now {t.patience}), another train.lr "
+                f"(now {t.lr}) or more weight on objects (train.object_weight, now {t.object_weight})",
+                params.model.weights), t.allow_collapse)
         summary.update(collapsed=collapsed, unlearned_classes=unlearned, train_fg_accuracy=trained.per_class(params.classes),
                        train_fg_accuracy_overall=trained.fg_accuracy())
         validated = _final_tally(model, svm, val, params.num_classes, device)
