@@ -172,7 +172,10 @@ def test_a_killed_stock_peer_continues_from_its_last_epoch_to_the_same_result(tm
     monkeypatch.setattr(stock_peer, "_ap", real_ap)
     resumed = stock_peer.peer(params, work, resume_dir=tmp_path / "resume")
     timing = ("train_seconds", "detect_s_per_image", "detect_with_search_s_per_image")
-    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    def same(row: dict) -> str:  # as text: a split of a few images has a nan interval, and nan != nan
+        return json.dumps({k: v for k, v in row.items() if k not in timing}, sort_keys=True)
+
+    assert same(resumed) == same(whole)
     assert not any((tmp_path / "resume").iterdir())  # a finished run leaves no resume point behind
 
 
