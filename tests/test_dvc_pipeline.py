@@ -260,7 +260,7 @@ def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
     assert train["train_images"] > 0 and 0 <= train["val_map"] <= 1 and "collapsed" in train, train
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert 0 <= evaluation["map"] <= 1 and evaluation["split"] == "test", evaluation
-    assert evaluation["map07_ci95"][0] <= evaluation["map07"] <= evaluation["map07_ci95"][1]
+    assert evaluation["map07_ci95"] == [None, None]  # 4 test images: too few for a bootstrap interval
     assert (project / "data" / "render" / "grid.jpg").is_file()
     # A Fast R-CNN-only knob reruns training and what follows, nothing before it.
     again = run(["dvc", "exp", "run", "-n", "fast-lr", *FAST_RCNN_OPTIONS, "-S", "train.lr=0.005"], project)
