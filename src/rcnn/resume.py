@@ -55,12 +55,6 @@ def _hash_files(digest: "hashlib._Hash", base: Path, paths: Iterable[Path]) -> N
                 digest.update(chunk)
 
 
-def _hash_voc(digest: "hashlib._Hash", voc_dir: Path) -> None:
-    """The VOC folder by content, images too: new pixels in a file of the same size must not reuse a point
-    trained on the old ones (VOC2007's 5,011 photos are under a gigabyte, about a second to hash)."""
-    _hash_files(digest, voc_dir, voc_dir.rglob("*"))
-
-
 def resume_key(params: Params, input_dirs: Iterable[str | Path], voc_dir: str | Path | None) -> str:
     """The hash naming a training's resume point (see the module docstring)."""
     digest = hashlib.sha256()
@@ -73,7 +67,9 @@ def resume_key(params: Params, input_dirs: Iterable[str | Path], voc_dir: str | 
         if folder.is_dir():
             _hash_files(digest, folder, folder.rglob("*"))
     if voc_dir is not None and Path(voc_dir).is_dir():
-        _hash_voc(digest, Path(voc_dir))
+        # images by content too: new pixels in a file of the same size must not reuse a point trained on the old
+        # ones (sha256 runs at 1.3 GB/s on this CPU: VOC2007's 0.9 GB of photos in a second or two once cached)
+        _hash_files(digest, Path(voc_dir), Path(voc_dir).rglob("*"))
     return digest.hexdigest()[:24]
 
 
