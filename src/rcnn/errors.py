@@ -13,6 +13,12 @@ import warnings
 from typing import Callable, NoReturn
 
 
+PR_SET_PDEATHSIG = 1  # the prctl(2) option asking for a signal when the parent process dies
+# Errors of the user's machine or files: a full disk, a quota, a file size limit, a read-only or forbidden place.
+USER_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+               errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.EIO}
+
+
 class RcnnError(Exception):
     """An error caused by the user's input (params, data, files): shown as one line, no traceback."""
 
@@ -51,8 +57,6 @@ def _die_with_parent() -> None:
         signal.signal(signal.SIGTERM, _interrupted)
 
 
-PR_SET_PDEATHSIG = 1
-
 
 def run_cli(main: Callable[[], object]) -> None:
     """Run a stage or CLI main function, turning user errors into one line on stderr and exit code 2, and
@@ -77,10 +81,6 @@ def run_cli(main: Callable[[], object]) -> None:
         print(f"error: {one_line(os_error_line(err))}", file=sys.stderr)
         sys.exit(2)
 
-
-# Errors of the user's machine or files: a full disk, a quota, a file size limit, a read-only or forbidden place.
-USER_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
-               errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.EIO}
 
 
 def os_error_line(err: OSError) -> str:
