@@ -351,6 +351,28 @@ def test_m2_an_archive_expanding_beyond_the_limits_is_refused_before_extraction(
         from_dict({"data": {"max_extract_bytes": 0}})
 
 
+def test_m2_a_bomb_within_the_byte_limit_is_refused_by_its_ratio_without_inflating_it(sources: Path, tmp_path: Path,
+                                                                                       monkeypatch):
+    def padding(archive: zipfile.ZipFile) -> None:
+        archive.writestr(zipfile.ZipInfo("padding.bin"), bytes(32 << 20), compress_type=zipfile.ZIP_DEFLATED)
+
+    archive = _zip_of(sources, tmp_path / "bomb.zip", padding)
+    monkeypatch.setattr(download, "BOMB_MIN_BYTES", 1 << 20)  # the shipped floor is 64 MiB: too big for a test
+    monkeypatch.setattr(download, "verify_archive", lambda path: pytest.fail("the bomb was inflated to verify it"))
+    with pytest.raises(RcnnError, match=r"bomb.zip: .* MiB that expand to 0.0 GiB \(ratio [\d,]+:1; .*zip bomb"):
+        download.safe_extract(archive, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_m2_an_archive_larger_than_the_free_space_is_refused(sources: Path, tmp_path: Path, monkeypatch):
+    archive = _zip_of(sources, tmp_path / "plain.zip", lambda archive: None)
+    usage = download.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(RcnnError, match=r"plain.zip: expands to .* GiB free; free space and rerun"):
+        download.safe_extract(archive, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
 # --- errors at the edge: disk, outputs, command line, parent (D10, D11, M10, M9, M5, M15)
 
 def test_d10_a_full_disk_is_one_error_line_naming_the_output_not_its_temporary_file(tmp_path: Path, capsys,
@@ -442,6 +464,39 @@ def test_m15_a_stage_stops_when_its_parent_is_killed(tmp_path: Path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the stage outlived its killed parent")
+
+
+def test_m15_a_stage_whose_parent_died_while_it_imported_does_no_work(tmp_path: Path):
+    # The race of the replay: dvc repro killed while the train stage was still importing torch, before it could
+    # ask to be signalled. The child below waits for that moment, then enters run_cli.
+    child_code = ("import os, time; from pathlib import Path; import rcnn\n"
+                  f"Path({str(tmp_path / 'ready')!r}).write_text('')\n"
+                  "while os.getppid() == rcnn.PARENT_AT_START: time.sleep(0.05)\n"
+                  "from rcnn.errors import run_cli\n"
+                  f"run_cli(lambda: Path({str(tmp_path / 'worked')!r}).write_text(''))\n")
+    parent_code = ("import subprocess, sys, time\n"
+                   f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
+                   f"stderr=open({str(tmp_path / 'stderr')!r}, 'w'))\n"
+                   f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid)); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    deadline = time.time() + 30
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "pid").read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the stage outlived its killed parent")
+    assert not (tmp_path / "worked").exists()
+    assert (tmp_path / "stderr").read_text() == "interrupted: no partial output was kept\n"
 
 
 # --- params that cannot work, refused up front (D12, N4, M13, M14)

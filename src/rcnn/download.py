@@ -224,7 +224,13 @@ def _check_zip_member(archive: Path, info: zipfile.ZipInfo, seen: set[str], targ
     seen.add(info.filename)
 
 
-def _check_size(archive: Path, sizes: Sequence[int], max_bytes: int, max_files: int) -> None:
+# Datasets hardly compress (JPEG ~1:1, the XML beside it ~10:1): an archive that expands beyond this ratio, and to
+# more than BOMB_MIN_BYTES, is padding made to fill the disk, whatever the byte limit (round 3, M2).
+BOMB_RATIO = 100
+BOMB_MIN_BYTES = 64 * 2**20
+
+
+def _check_size(archive: Path, sizes: Sequence[int], max_bytes: int, max_files: int, target: Path) -> None:
     """Refuse, before extracting, an archive whose members would fill the disk (a zip bomb) or the folder."""
     if len(sizes) > max_files:
         raise RcnnError(f"{archive}: {len(sizes):,} members, above the data.max_extract_files limit of "
@@ -233,13 +239,21 @@ def _check_size(archive: Path, sizes: Sequence[int], max_bytes: int, max_files: 
     if total > max_bytes:
         raise RcnnError(f"{archive}: expands to {total / 2**30:.1f} GiB, above the data.max_extract_bytes limit of "
                         f"{max_bytes / 2**30:.1f} GiB; refusing (raise the limit if the archive is trusted)")
+    packed = max(archive.stat().st_size, 1)
+    if total > BOMB_MIN_BYTES and total / packed > BOMB_RATIO:
+        raise RcnnError(f"{archive}: {packed / 2**20:.1f} MiB that expand to {total / 2**30:.1f} GiB (ratio "
+                        f"{total / packed:,.0f}:1; photos and annotations stay under {BOMB_RATIO}:1): a zip bomb? "
+                        f"refusing")
+    free = shutil.disk_usage(target).free
+    if total > free:
+        raise RcnnError(f"{archive}: expands to {total / 2**30:.1f} GiB but {target} has {free / 2**30:.1f} GiB "
+                        f"free; free space and rerun")
 
 
 def safe_extract(archive: Path, target: Path, max_bytes: int = DataParams.max_extract_bytes,
                  max_files: int = DataParams.max_extract_files) -> None:
     """Extract a .tar(.gz)/.tgz/.zip into ``target`` after verifying it (:func:`verify_archive`) and
     checking every member is harmless and that together they stay within ``max_bytes`` and ``max_files``."""
-    verify_archive(archive)
     target.mkdir(parents=True, exist_ok=True)
     try:
         if archive.name.lower().endswith(".zip"):
@@ -248,12 +262,15 @@ def safe_extract(archive: Path, target: Path, max_bytes: int = DataParams.max_ex
                 infos = zf.infolist()
                 for info in infos:
                     _check_zip_member(archive, info, seen, target)
-                _check_size(archive, [info.file_size for info in infos], max_bytes, max_files)
+                _check_size(archive, [info.file_size for info in infos], max_bytes, max_files, target)
+            verify_archive(archive)  # after the listing's checks: a bomb is refused without inflating it
+            with zipfile.ZipFile(archive) as zf:
                 zf.extractall(target)
             return
+        verify_archive(archive)
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
-            _check_size(archive, [m.size for m in members if m.isfile()], max_bytes, max_files)
+            _check_size(archive, [m.size for m in members if m.isfile()], max_bytes, max_files, target)
             links = {PurePosixPath(m.name) for m in members if m.issym()}
             for member in members:
                 _check_tar_member(archive, member, target)

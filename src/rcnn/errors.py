@@ -12,6 +12,8 @@ import threading
 import warnings
 from typing import Callable, NoReturn
 
+import rcnn
+
 
 PR_SET_PDEATHSIG = 1  # the prctl(2) option asking for a signal when the parent process dies
 # Errors of the user's machine or files: a full disk, a quota, a file size limit, a read-only or forbidden place.
@@ -55,6 +57,8 @@ def _die_with_parent() -> None:
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupted)
+    if os.getppid() != rcnn.PARENT_AT_START:  # it died while this one imported torch, before the request above
+        raise KeyboardInterrupt
 
 
 
@@ -62,8 +66,8 @@ def run_cli(main: Callable[[], object]) -> None:
     """Run a stage or CLI main function, turning user errors into one line on stderr and exit code 2, and
     warnings into one ``warning:`` line each (no source file and line: they are about the user's data)."""
     warnings.formatwarning = _one_line_warning
-    _die_with_parent()
     try:
+        _die_with_parent()
         main()
     except RcnnError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
