@@ -169,6 +169,11 @@ def test_evaluate_stage_writes_detections_metrics_and_curves(tiny_checkpoint, sy
     coco = metrics["coco"]  # pycocotools' figures of the same detections (shown by dvc metrics as coco.ap, ...)
     assert set(coco) == {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100"}
     assert 0 <= coco["ap75"] <= coco["ap50"] <= 1 and coco["ap"] <= coco["ap50"] and 0 < coco["ar100"] <= 1
+    # The headline file dvc.yaml declares as metrics: a few scalars, the same figures as eval.json's.
+    scores = json.loads((out["metrics_path"].with_name("scores.json")).read_text())
+    assert scores == {"map07": metrics["map07"], "map07_ci_low": metrics["map07_ci95"][0],
+                      "map07_ci_high": metrics["map07_ci95"][1], "map": metrics["map"], "coco_ap": coco["ap"],
+                      "sec_per_image": metrics["seconds_per_image"]}
     stored = load_detections(out["detections_dir"] / "detections.npz")
     assert stored.classes == CLASSES and stored.split == "test" and sorted(stored.detections) == ids
     assert len(stored.detections[ids[0]]) == 0

@@ -130,8 +130,13 @@ def test_experiment_reruns_only_training_and_after(project: Path):
     assert before == after
     params_diff = run(["dvc", "params", "diff"], project).stdout
     assert "train.lr" in params_diff and "0.003" in params_diff
-    metrics_diff = run(["dvc", "metrics", "diff"], project).stdout
-    assert "metrics/train.json" in metrics_diff or "metrics/eval.json" in metrics_diff, metrics_diff
+    metrics_diff = run(["dvc", "metrics", "diff"], project).stdout  # the headline only: metrics/scores.json
+    assert "metrics/scores.json" in metrics_diff and "map07" in metrics_diff, metrics_diff
+    assert "metrics/train.json" not in metrics_diff, metrics_diff
+    details = run(["dvc", "metrics", "diff", "--targets", "metrics/train.json", "--", "HEAD", "lr3"], project).stdout
+    assert "metrics/train.json" in details and "best_epoch" in details, details
+    shown = run(["dvc", "metrics", "show"], project).stdout
+    assert "map07" in shown and max(len(line) for line in shown.splitlines()) <= 120, shown
     shown = run(["dvc", "exp", "show", "--no-pager", "--md"], project).stdout
     assert "lr3" in shown and "workspace" in shown
     # the two experiments' pictures side by side: one image per revision in one page

@@ -23,7 +23,7 @@ from rcnn.detector import Detector, postprocess_settings
 from rcnn.detectors import load_detector
 from rcnn.errors import RcnnError
 from rcnn.evaluation import (Detections, evaluate_detections, save_detections, write_metrics, write_pr_curves,
-                             write_voc_results)
+                             write_scores, write_voc_results)
 from rcnn.fileio import atomic_dir, write_json
 from rcnn.params import Params
 from rcnn.proposals import load_proposals, proposal_file, proposal_recall, selective_search
@@ -51,7 +51,7 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
                        metrics_path: str | Path = "metrics/eval.json", pr_dir: str | Path = "metrics/pr") -> dict:
     """Detect on every image of ``evaluate.split`` and write detections, VOC AP metrics, PR curves and the
     confusion matrix's records (``confusion.json`` beside ``metrics_path``, detections scoring at least
-    ``render.score_threshold``: the ones the pictures show)."""
+    ``render.score_threshold``: the ones the pictures show) and the headline ``scores.json`` beside it."""
     e = params.evaluate
     mode = params.proposals.eval_mode
     root = voc.find_voc_root(voc_dir)
@@ -119,6 +119,7 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
         warnings.warn(f"no object of {e.split} can be scored (none of the classes, or every one difficult): "
                       f"map and map07 are null in {metrics_path}", RuntimeWarning, stacklevel=2)
     write_metrics(metrics_path, result, extra)
+    write_scores(Path(metrics_path).with_name("scores.json"), {**result.to_dict(), **extra})
     return {**result.to_dict(), **extra}
 
 

@@ -331,6 +331,16 @@ def write_metrics(path: str | Path, result: EvalResult, extra: Mapping[str, obje
     write_json(path, _nan_to_null({**result.to_dict(), **extra}))
 
 
+def write_scores(path: str | Path, metrics: Mapping[str, object]) -> None:
+    """``metrics/scores.json``: the headline figures of ``metrics/eval.json`` as scalars, the one file `dvc.yaml`
+    declares as metrics, so ``dvc metrics show`` and ``dvc exp show`` stay a few columns wide (the details
+    stay in ``eval.json``, ``train.json`` and the other stages' files, read with ``--targets``)."""
+    map07_low, map07_high = metrics["map07_ci95"]
+    write_json(path, _nan_to_null({"map07": metrics["map07"], "map07_ci_low": map07_low, "map07_ci_high": map07_high,
+                                   "map": metrics["map"], "coco_ap": metrics["coco"]["ap"],
+                                   "sec_per_image": metrics["seconds_per_image"]}))
+
+
 def _nan_to_null(tree: object) -> object:
     if isinstance(tree, float):
         return tree if math.isfinite(tree) else None
