@@ -78,7 +78,8 @@ def test_families_bench_compares_the_families_with_the_stock_peer(tmp_path, synt
     out = tmp_path / "families"
     tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "train.image_sizes=[96]", "model.roi_channels=8",
             "model.roi_size=3", "model.hidden=16", "train.epochs=2", "proposals.max_proposals=100",
-            "evaluate.max_proposals=100", "train.min_steps=0", "train.allow_collapse=true"]  # plumbing: 12 steps, not 960
+            "evaluate.max_proposals=100", "train.min_steps=0", "train.allow_collapse=true",
+            "model.require_weights=false"]  # plumbing on random features: 12 steps, not 960
     proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",
                            "--backbone", "resnet18", "--weights", "none", "--split", "test", "--presets", "fast-rcnn",
                            "faster-rcnn", "--set", *tiny, "--peer-epochs", "1", "--out", str(out)],
@@ -185,7 +186,7 @@ ABLATION = Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
 def test_ablation_bench_scores_each_row_with_and_without_box_regression(tmp_path, synthetic_voc):
     out = tmp_path / "ablation"
     tiny = ["model.hidden=16", "regions.crop_size=64", "train.epochs=1", "train.warmup_epochs=0", "train.allow_collapse=true",
-            "proposals.max_proposals=100", "evaluate.max_proposals=50", "train.min_steps=0"]
+            "proposals.max_proposals=100", "evaluate.max_proposals=50", "train.min_steps=0", "model.require_weights=false"]
     proc = subprocess.run([sys.executable, str(ABLATION), str(synthetic_voc), "--classes", "car", "dog", "person",
                            "--backbone", "resnet18", "--weights", "none", "--split", "test",
                            "--rows", "frozen", "fine-tuned + hard negatives", "--set", *tiny, "--out", str(out)],

@@ -95,6 +95,8 @@ class ModelParams:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
                       "mobilenet_v3_large"] = "resnet50"
     weights: str = "imagenet"
+    # refuse weights = none up front: the presets set it, their recipes assume pretrained features
+    require_weights: bool = False
     trainable_layers: int = field(default=0, metadata=_range(0, 64))
     dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
     hidden: int = field(default=512, metadata=_range(1))
@@ -159,6 +161,8 @@ class TrainParams:
     # RoIs' class shares instead of uniform
     repeat_threshold: float = field(default=0.0, metadata=_range(0, 1))
     backbone_lr: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
+    # > 0: the backbone's multiple derived from the data, min(1, max(backbone_lr, rarest class's objects / this))
+    backbone_lr_objects: int = field(default=0, metadata=_range(0, 1_000_000))
     prior_init: bool = False
 
 
@@ -317,6 +321,12 @@ def _check_consistency(p: Params) -> None:
         if safe_name(name) != name or name != name.strip() or not name:
             raise ParamError(f"classes[{index}] = {name!r} is invalid: class names may not contain '/', '\\' or "
                              f"control characters, be '.' or '..', or begin or end with a space")
+    if p.model.require_weights and p.model.weights == "none":
+        raise ParamError("model.weights = none, but this recipe (a preset: model.require_weights = true) assumes "
+                         "pretrained features and learns little or nothing from random ones: give "
+                         "model.weights=imagenet (downloads torchvision's) or a local .pth of model.backbone ("
+                         f"{p.model.backbone}: torchvision's ImageNet state dict, or its features only), or "
+                         "model.require_weights=false to try anyway")
     for key, split in (("data.train_split", p.data.train_split), ("data.val_split", p.data.val_split),
                        ("evaluate.split", p.evaluate.split)):
         if split not in SPLITS:
@@ -364,11 +374,13 @@ def _check_consistency(p: Params) -> None:
                          f"{p.train.hard_negative_rounds} and train.classifier_choice = {p.train.classifier_choice!r} "
                          f"are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its head end to end and would ignore "
                          f"them; set them to 'softmax' (or 'cosine'), 0 and 'configured', or model.arch = 'rcnn'")
-    if p.model.arch == "rcnn" and (p.train.repeat_threshold or p.train.backbone_lr != 1.0 or p.train.prior_init):
+    if p.model.arch == "rcnn" and (p.train.repeat_threshold or p.train.backbone_lr != 1.0 or p.train.prior_init
+                                   or p.train.backbone_lr_objects):
         raise ParamError(f"train.repeat_threshold = {p.train.repeat_threshold}, train.backbone_lr = "
-                         f"{p.train.backbone_lr} and train.prior_init = {str(p.train.prior_init).lower()} are Fast and "
-                         f"Faster R-CNN's: R-CNN would ignore them; set them to 0.0, 1.0 and false, or model.arch = "
-                         f"'fast_rcnn' or 'faster_rcnn'")
+                         f"{p.train.backbone_lr}, train.backbone_lr_objects = {p.train.backbone_lr_objects} and "
+                         f"train.prior_init = {str(p.train.prior_init).lower()} are Fast and Faster R-CNN's: R-CNN "
+                         f"would ignore them; set them to 0.0, 1.0, 0 and false, or model.arch = 'fast_rcnn' or "
+                         f"'faster_rcnn'")
     if p.train.prior_init and p.model.classifier == "cosine":
         raise ParamError("train.prior_init = true needs model.classifier = 'softmax': the cosine classifier has no "
                          "biases to start at the class shares")
