@@ -108,6 +108,7 @@ def test_multiclass_fast_rcnn_saves_a_model_with_an_unlearned_class_and_says_whi
         assert set(stored[key]["per_class"]) == set(CLASSES), stored[key]
         assert all(0 <= c["recall_iou50"] <= 1 for c in stored[key]["per_class"].values() if c["gt_boxes"])
     assert metrics["steps_per_epoch"] == 100  # 20 training images make 10 steps; 400 / 4 epochs asks 100
+    assert stored["backbone_lr"] == 1.0  # train.backbone_lr as given: train.backbone_lr_objects is 0
     assert set(stored["train_fg_accuracy"]) == set(CLASSES), stored
     # car and person learn; dog, the synthetic "blob" that the background's grey blobs imitate, stays at 0 on
     # random-weight features however long this tiny model trains: the model is kept, dog named.

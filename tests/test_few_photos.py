@@ -16,7 +16,7 @@ from rcnn import voc
 from rcnn.detectors import load_detector
 from rcnn.errors import ParamError
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
-from rcnn.optim import build_optimizer
+from rcnn.optim import backbone_rate, build_optimizer
 from rcnn.params import TrainParams, from_dict
 from rcnn.region_boxes import ImageBoxes
 from rcnn.roi_detector import save_roi_detector
@@ -49,10 +49,18 @@ def test_repeat_factors_follow_lvis_and_draw_rare_class_images_more_often():
 def test_the_backbone_learns_at_its_own_rate_and_the_head_at_train_lr():
     model = torch.nn.ModuleDict({"body": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 2)})
     t = TrainParams(lr=0.01, optimizer="sgd", backbone_lr=0.1)
-    optimizer = build_optimizer(model.parameters(), t, model["body"].parameters())
+    optimizer = build_optimizer(model.parameters(), t, model["body"].parameters(), backbone_rate(t, 15))
     rates = sorted((g["lr"], len(g["params"])) for g in optimizer.param_groups)
     assert rates == [(pytest.approx(0.001), 2), (0.01, 2)]
     assert len(build_optimizer(model.parameters(), TrainParams(lr=0.01)).param_groups) == 1  # default: one rate
+
+
+def test_the_backbone_rate_derived_from_the_rarest_class_grows_with_its_boxes_up_to_the_full_rate():
+    derived = TrainParams(backbone_lr=0.1, backbone_lr_objects=150)
+    # neu-few's rarest class (15 boxes) keeps the floor, kangaroo's 128 boxes get most of the rate, bccd's 209 all
+    assert [backbone_rate(derived, n) for n in (0, 15, 75, 128, 150, 209)] == \
+        [0.1, 0.1, 0.5, pytest.approx(128 / 150), 1.0, 1.0]
+    assert backbone_rate(TrainParams(backbone_lr=0.3), 10_000) == 0.3  # not derived: the value as given
 
 
 def test_the_class_prior_starts_scores_at_the_sampled_shares():
@@ -114,7 +122,8 @@ def test_classifier_combinations_that_would_be_ignored_or_break_are_refused(raw:
         from_dict(raw)
 
 
-@pytest.mark.parametrize("key, value", [("repeat_threshold", 0.5), ("backbone_lr", 0.1), ("prior_init", True)])
+@pytest.mark.parametrize("key, value", [("repeat_threshold", 0.5), ("backbone_lr", 0.1), ("backbone_lr_objects", 150),
+                                        ("prior_init", True)])
 def test_r_cnn_refuses_the_two_stage_sampling_keys_instead_of_ignoring_them(key: str, value: object):
     with pytest.raises(ParamError, match=rf"train\.{key} .*are Fast and Faster R-CNN's"):
         from_dict({"train": {key: value}})

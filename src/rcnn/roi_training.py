@@ -38,7 +38,7 @@ from rcnn.errors import RcnnError
 from rcnn.detector import labelled_split_ap, postprocess_settings, scored_regions_recall, warn_if_unscorable
 from rcnn.fileio import write_json
 from rcnn.device import inference_autocast, select_device
-from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
+from rcnn.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, TrainParams
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
@@ -224,7 +224,8 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     if t.prior_init:
         init_class_prior(model, t.fg_fraction)
     repeat, class_repeat = repeat_factors(train, params.num_classes, t.repeat_threshold)
-    optimizer = build_optimizer(model.parameters(), t, model.body.parameters())
+    backbone_lr = backbone_rate(t, int(objects[1:][objects[1:] > 0].min()))
+    optimizer = build_optimizer(model.parameters(), t, model.body.parameters(), backbone_lr)
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)
     rng = np.random.default_rng(params.seed)
@@ -301,7 +302,9 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
             "steps_per_epoch": steps, "train_images": len(train), "val_images": len(val),
-            # derived from the data: how often each class's images are drawn (train.repeat_threshold)
+            # derived from the data: how often each class's images are drawn (train.repeat_threshold), and the
+            # pre-trained backbone's rate as a multiple of train.lr (train.backbone_lr, train.backbone_lr_objects)
+            "backbone_lr": backbone_lr,
             "repeat_factors": {name: round(float(class_repeat[i]), 4) for i, name in enumerate(params.classes, 1)},
             "resumed_from_epoch": resumed_from}
 
