@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from rcnn import proposals, regions
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
@@ -20,6 +22,16 @@ from rcnn.synthetic import generate
 
 REGION_CLASSES = ["car", "dog", "person"]
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and the stages and benches it starts) takes its share of the cores, so
+    two workers on two cores do not each start two threads."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
 
 
 def shipped_params_text() -> str:

@@ -173,7 +173,7 @@ def test_evaluate_stage_writes_detections_metrics_and_curves(tiny_checkpoint, sy
     scores = json.loads((out["metrics_path"].with_name("scores.json")).read_text())
     assert scores == {"map07": metrics["map07"], "map07_ci_low": metrics["map07_ci95"][0],
                       "map07_ci_high": metrics["map07_ci95"][1], "map": metrics["map"], "coco_ap": coco["ap"],
-                      "sec_per_image": metrics["seconds_per_image"]}
+                      "seconds_per_image": metrics["seconds_per_image"]}
     stored = load_detections(out["detections_dir"] / "detections.npz")
     assert stored.classes == CLASSES and stored.split == "test" and sorted(stored.detections) == ids
     assert len(stored.detections[ids[0]]) == 0

@@ -338,7 +338,7 @@ def write_scores(path: str | Path, metrics: Mapping[str, object]) -> None:
     map07_low, map07_high = metrics["map07_ci95"]
     write_json(path, _nan_to_null({"map07": metrics["map07"], "map07_ci_low": map07_low, "map07_ci_high": map07_high,
                                    "map": metrics["map"], "coco_ap": metrics["coco"]["ap"],
-                                   "sec_per_image": metrics["seconds_per_image"]}))
+                                   "seconds_per_image": metrics["seconds_per_image"]}))
 
 
 def _nan_to_null(tree: object) -> object:
