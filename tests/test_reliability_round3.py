@@ -433,54 +433,15 @@ def test_m5_usage_errors_and_paths_with_line_breaks_are_one_line(capsys):
     assert code == 2 and err == "error: a\\nb\\nc.jpg: no such file, folder or matching pattern\n"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_m15_a_stage_stops_when_its_parent_is_killed(tmp_path: Path):
-    child_code = ("import time; from pathlib import Path; from rcnn.errors import run_cli\n"
-                  "def work():\n"
-                  "    while True:\n"
-                  f"        Path({str(tmp_path / 'beat')!r}).write_text(str(time.time())); time.sleep(0.1)\n"
-                  "run_cli(work)\n")
+def _kill_parent_of_stage(tmp_path: Path, child_code: str, started: str, stderr: str = "None") -> None:
+    """Start ``child_code`` from a parent process, wait for the file ``started``, ``kill -9`` the parent (as of
+    `dvc repro`), then wait up to 20 s for the child to end; fails the test if it outlives its parent."""
     parent_code = ("import subprocess, sys, time\n"
-                   f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}])\n"
+                   f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}], stderr={stderr})\n"
                    f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid)); time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", parent_code])
     deadline = time.time() + 30
-    while not (tmp_path / "beat").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    child = int((tmp_path / "pid").read_text())
-    parent.send_signal(signal.SIGKILL)  # as `kill -9` of dvc repro
-    parent.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        try:  # reap it if it is ours to reap (it is not: it was the parent's)
-            os.waitpid(child, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the stage outlived its killed parent")
-
-
-def test_m15_a_stage_whose_parent_died_while_it_imported_does_no_work(tmp_path: Path):
-    # The race of the replay: dvc repro killed while the train stage was still importing torch, before it could
-    # ask to be signalled. The child below waits for that moment, then enters run_cli.
-    child_code = ("import os, time; from pathlib import Path; import rcnn\n"
-                  f"Path({str(tmp_path / 'ready')!r}).write_text('')\n"
-                  "while os.getppid() == rcnn.PARENT_AT_START: time.sleep(0.05)\n"
-                  "from rcnn.errors import run_cli\n"
-                  f"run_cli(lambda: Path({str(tmp_path / 'worked')!r}).write_text(''))\n")
-    parent_code = ("import subprocess, sys, time\n"
-                   f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
-                   f"stderr=open({str(tmp_path / 'stderr')!r}, 'w'))\n"
-                   f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid)); time.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", parent_code])
-    deadline = time.time() + 30
-    while not (tmp_path / "ready").exists() and time.time() < deadline:
+    while not (tmp_path / started).exists() and time.time() < deadline:
         time.sleep(0.05)
     child = int((tmp_path / "pid").read_text())
     parent.send_signal(signal.SIGKILL)
@@ -490,11 +451,36 @@ def test_m15_a_stage_whose_parent_died_while_it_imported_does_no_work(tmp_path: 
         try:
             os.kill(child, 0)
         except ProcessLookupError:
-            break
+            return
+        try:  # reap it if it is ours to reap (it is not: it was the parent's)
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
         time.sleep(0.05)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the stage outlived its killed parent")
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the stage outlived its killed parent")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_m15_a_stage_stops_when_its_parent_is_killed(tmp_path: Path):
+    child_code = ("import time; from pathlib import Path; from rcnn.errors import run_cli\n"
+                  "def work():\n"
+                  "    while True:\n"
+                  f"        Path({str(tmp_path / 'beat')!r}).write_text(str(time.time())); time.sleep(0.1)\n"
+                  "run_cli(work)\n")
+    _kill_parent_of_stage(tmp_path, child_code, "beat")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_m15_a_stage_whose_parent_died_while_it_imported_does_no_work(tmp_path: Path):
+    # The race of the replay: dvc repro killed while the train stage was still importing torch, before it could
+    # ask to be signalled. The child below waits for that moment, then enters run_cli.
+    child_code = ("import os, time; from pathlib import Path; import rcnn\n"
+                  f"Path({str(tmp_path / 'ready')!r}).write_text('')\n"
+                  "while os.getppid() == rcnn.PARENT_AT_START: time.sleep(0.05)\n"
+                  "from rcnn.errors import run_cli\n"
+                  f"run_cli(lambda: Path({str(tmp_path / 'worked')!r}).write_text(''))\n")
+    _kill_parent_of_stage(tmp_path, child_code, "ready", stderr=f"open({str(tmp_path / 'stderr')!r}, 'w')")
     assert not (tmp_path / "worked").exists()
     assert (tmp_path / "stderr").read_text() == "interrupted: no partial output was kept\n"
 
