@@ -57,6 +57,11 @@ def test_switching_to_fast_rcnn_reruns_exactly_what_it_must(project: Path):
     detect = run(["rcnn-detect", str(sorted((source / "JPEGImages").glob("*.jpg"))[0]),
                   "--checkpoint", "data/model/model.pt", "--score", "0.0", "--max-proposals", "50"], project)
     assert detect.stdout.strip(), detect.stderr
+
+
+def test_switching_to_faster_rcnn_and_back_reruns_only_what_the_run_cache_lacks(project: Path):
+    # after the test above, which ran the fast-rcnn options as experiment "fast"
+    source = Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
     faster = run(["dvc", "exp", "run", "-n", "faster", *FAST_RCNN_OPTIONS, "-S", "model.arch=faster_rcnn"], project)
     assert stages_run(faster.stdout) == {"proposals", "regions", "features", "train", "evaluate", "render"}, faster.stdout
     assert json.loads((project / "metrics" / "proposals.json").read_text())["selective_search"] is False
