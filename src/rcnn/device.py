@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -58,3 +59,43 @@ def inference_autocast(device: torch.device) -> contextlib.AbstractContextManage
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def _accelerator() -> tuple[str | None, list[int]]:
+    """The accelerator torch would use (cuda, mps, ...) and its device indices; (None, []) on a CPU-only machine."""
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None:  # a CUDA build of torch names cuda even where no GPU is present
+        return None, []
+    return accelerator.type, list(range(torch.get_device_module(accelerator.type).device_count()))
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """torch's generators seeded with ``seed`` inside; after it, every one of them as it was, the accelerator's
+    included: ``torch.manual_seed`` reseeds CUDA's generators too, and restoring only the CPU's would restart a
+    GPU run's RoI and anchor sampling from the same state after every call."""
+    device_type, devices = _accelerator()
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        torch.manual_seed(seed)
+        yield
+
+
+def accelerator_rng_state() -> dict[str, Any] | None:
+    """The accelerator's generator states, for a resume point (None on a CPU-only machine)."""
+    device_type, devices = _accelerator()
+    if device_type is None:
+        return None
+    module = torch.get_device_module(device_type)
+    return {"type": device_type, "states": [module.get_rng_state(index) for index in devices]}
+
+
+def restore_accelerator_rng_state(saved: dict[str, Any] | None) -> bool:
+    """Put back :func:`accelerator_rng_state`'s states where this machine has the same accelerator and device
+    count; False (nothing changed) where it does not, as when a GPU run resumes on a CPU."""
+    device_type, devices = _accelerator()
+    if not isinstance(saved, dict) or saved.get("type") != device_type or len(saved.get("states", [])) != len(devices):
+        return False
+    module = torch.get_device_module(device_type)
+    for index, state in zip(devices, saved["states"]):
+        module.set_rng_state(state, index)
+    return True

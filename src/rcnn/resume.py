@@ -29,6 +29,7 @@ from dvclive import Live
 import rcnn
 from rcnn import live as live_mod
 from rcnn.checkpoints import non_finite_tensor, safe_torch_load
+from rcnn.device import accelerator_rng_state, restore_accelerator_rng_state
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir
 from rcnn.params import Params, to_dict
@@ -174,6 +175,7 @@ def restore_training(resume: "ResumePoint | None", model: torch.nn.Module, optim
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["torch"])
+    restore_accelerator_rng_state(saved["rng"].get("accelerator"))
     if numpy_rng is not None:
         numpy_rng.bit_generator.state = json.loads(saved["rng"]["numpy"])
     if generator is not None:
@@ -191,7 +193,7 @@ def save_epoch(resume: "ResumePoint | None", live: Live | None, model: torch.nn.
     training saves kilobytes, not the backbone, every epoch)."""
     if resume is None:
         return
-    rng = {"torch": torch.get_rng_state(),
+    rng = {"torch": torch.get_rng_state(), "accelerator": accelerator_rng_state(),
            "numpy": json.dumps(numpy_rng.bit_generator.state) if numpy_rng is not None else None,
            "generator": generator.get_state() if generator is not None else None}
     resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

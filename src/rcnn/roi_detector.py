@@ -48,7 +48,7 @@ from rcnn.errors import RcnnError
 from rcnn.evaluation import Detections
 from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
 from rcnn.checkpoints import is_int_in, state_payload, write_checkpoint
-from rcnn.device import inference_autocast, use_channels_last
+from rcnn.device import inference_autocast, seeded_rng, use_channels_last
 from rcnn.params import Params, to_dict
 
 FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResNet layer4, MobileNet features)
@@ -347,8 +347,7 @@ def detector_kwargs(params: Params, fg_iou: float, bg_iou: float) -> dict[str, A
 
 def seeded(params: Params, build: Any, **kwargs: Any) -> RoIDetector:
     """``build(**kwargs)`` with the weights the new layers get drawn from ``params.seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
+    with seeded_rng(params.seed):
         return build(**kwargs)
 
 

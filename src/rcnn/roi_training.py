@@ -37,7 +37,7 @@ from rcnn.class_accuracy import (ClassTally, check_trained, check_training_objec
 from rcnn.errors import RcnnError
 from rcnn.detector import labelled_split_ap, postprocess_settings, scored_regions_recall, warn_if_unscorable
 from rcnn.fileio import write_json
-from rcnn.device import inference_autocast, select_device
+from rcnn.device import inference_autocast, seeded_rng, select_device
 from rcnn.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, TrainParams
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
@@ -183,8 +183,7 @@ def roi_meter(model: RoIDetector, examples: list[Example], images_per_batch: int
     time: the validation numbers of every epoch, and the trained model's accuracy on its training images."""
     model.eval()
     meter = _Meter(model.config["num_classes"] + 1)
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(), inference_autocast(device):
-        torch.manual_seed(VAL_SAMPLE_SEED)
+    with seeded_rng(VAL_SAMPLE_SEED), torch.inference_mode(), inference_autocast(device):
         for images, proposals, targets in _batches(examples, images_per_batch, np.random.default_rng(0), False):
             losses, logits, labels = model.losses([i.to(device) for i in images], [p.to(device) for p in proposals],
                                                   [{k: v.to(device) for k, v in t.items()} for t in targets])

@@ -16,7 +16,7 @@ from torch import nn
 
 from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
 from rcnn.checkpoints import is_int_in, read_checkpoint, state_payload, write_checkpoint
-from rcnn.device import use_channels_last
+from rcnn.device import seeded_rng, use_channels_last
 from rcnn.errors import RcnnError
 
 
@@ -83,8 +83,7 @@ def build_model(params: Any, weights: str | None = None) -> RegionClassifier:
     m = params.model
     # Seeded here, not by the caller: with weights "none" the features stage and the train stage
     # must build the very same random backbone; the caller's RNG state is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
+    with seeded_rng(params.seed):
         return RegionClassifier(m.backbone, len(params.classes), weights=m.weights if weights is None else weights,
                                 hidden=m.hidden, dropout=m.dropout, trainable_layers=m.trainable_layers)
 
