@@ -34,18 +34,6 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` the tests that share a module-scoped fixture (a trained model, a DVC project whose
-    tests run in order) stay together on one worker, in file order; every other test goes wherever a worker is
-    free, so one file of long independent tests (the benches) does not queue on a single worker."""
-    for item in items:
-        fixture_info = getattr(item, "_fixtureinfo", None)
-        definitions = fixture_info.name2fixturedefs.values() if fixture_info else []
-        if any(d.scope == "module" for defs in definitions for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
 def shipped_params_text() -> str:
     """The params.yaml the project ships: the committed one (``git show HEAD:params.yaml``), not the workspace's,
     which ``dvc exp run -S`` rewrites; the file itself outside a git checkout."""
