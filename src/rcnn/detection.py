@@ -26,7 +26,7 @@ from rcnn.evaluation import (Detections, evaluate_detections, save_detections, w
                              write_scores, write_voc_results)
 from rcnn.fileio import atomic_dir, write_json
 from rcnn.params import Params
-from rcnn.proposals import load_proposals, proposal_file, proposal_recall, selective_search, with_windows
+from rcnn.proposals import load_proposals, proposal_file, proposal_recall, selective_search
 from rcnn.splits import check_evaluation_split
 
 
@@ -127,13 +127,8 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
 
 def detect_image(image_bgr: np.ndarray, detector: Detector, mode: str = "fast", max_proposals: int = 300,
                  max_side: int | None = 500, min_size: int = 10) -> Detections:
-    """Selective search (unless the detector proposes its own regions), plus the sliding windows the model
-    was trained with (``proposals.windows``), then detection on one arbitrary image."""
+    """Selective search (unless the detector proposes its own regions) + detection on one arbitrary image."""
     if not detector.takes_proposals:
         return detector.detect(image_bgr, None)
     proposals = selective_search(image_bgr, mode, max_proposals, max_side, min_size)
-    windows = detector.meta.get("proposal_windows")
-    if windows and windows["shapes"]:
-        height, width = image_bgr.shape[:2]
-        proposals = with_windows(proposals, windows["shapes"], windows["step"], width, height, min_size)
     return detector.detect(image_bgr, proposals)

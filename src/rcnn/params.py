@@ -71,8 +71,6 @@ class ProposalParams:
     max_proposals: int = field(default=2000, metadata=_range(1))
     max_side: Optional[int] = field(default=500, metadata=_range(32))
     min_size: int = field(default=10, metadata=_range(1))
-    windows: int = field(default=0, metadata=_range(0, 64))  # box shapes clustered from the training boxes
-    window_step: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))  # of the window's size
     n_jobs: int = field(default=-1, metadata=_range(-1, 1024))  # -1: every core; 0 is refused below
     backend: Literal["loky", "multiprocessing", "threading", "dask", "ray"] = "loky"
     scheduler: Optional[str] = None

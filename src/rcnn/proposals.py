@@ -32,7 +32,6 @@ from joblib.parallel import MultiprocessingBackend, get_active_backend
 from tqdm import tqdm
 
 from rcnn import voc
-from rcnn.proposal_windows import sliding_windows, training_windows
 from rcnn.boxes import box_iou, clip_boxes, xywh_to_xyxy
 from rcnn.errors import RcnnError
 from rcnn.fileio import atomic_dir, atomic_path, load_npz, write_json
@@ -141,24 +140,6 @@ def selective_search(image_bgr: np.ndarray, mode: Mode = "fast", max_proposals: 
         boxes = np.round((boxes + [0, 0, 1, 1]) * scale) - [0, 0, 1, 1]
         boxes = clip_boxes(boxes, width, height)
     return filter_boxes(boxes, min_size, max_proposals)
-
-
-def with_windows(boxes: np.ndarray, shapes: Sequence[Sequence[float]], step: float, width: int, height: int,
-                 min_size: int, max_proposals: int | None = None) -> np.ndarray:
-    """Selective search's ``boxes`` followed by the sliding windows of ``shapes`` (rcnn.proposal_windows), the
-    first ``max_proposals`` of them (all without)."""
-    both = np.concatenate([boxes, sliding_windows(shapes, width, height, step)])
-    return filter_boxes(both, min_size, len(both) if max_proposals is None else max_proposals)
-
-
-def proposal_windows(params: Params, voc_dir: str | Path) -> dict | None:
-    """The windows ``proposals.windows`` adds, shaped from the training split (None without): the proposals
-    stage adds them to every split, the train stage puts them in the checkpoint for ``rcnn-detect``."""
-    if not params.proposals.windows:
-        return None
-    return training_windows(voc.load_split(voc.find_voc_root(voc_dir), params.data.train_split, params.classes,
-                                           params.data.on_bad_annotation),
-                            params.proposals.windows, params.proposals.window_step)
 
 
 def image_seed(image_id: str) -> int:
@@ -325,21 +306,17 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
     all_gt: list[np.ndarray] = []
     all_skipped: dict[str, str] = {}
     seconds = 0.0
-    windows = proposal_windows(params, root)
-    shapes = windows["shapes"] if windows else []
     with atomic_dir(out_dir) as tmp, parallel_backend(p.backend, p.n_jobs, p.scheduler):
         for split, mode in proposal_jobs(params):
             annotations = {a.image_id: a for a in voc.load_split(root, split, params.classes,
                                                                   params.data.on_bad_annotation)}
             run = compute_proposals(root, sorted(annotations), mode, p.max_proposals, p.max_side, p.min_size,
                                     p.n_jobs, None, desc=f"proposals {split}-{mode}")
-            found = {i: with_windows(b, shapes, p.window_step, annotations[i].width, annotations[i].height,
-                                     p.min_size, p.max_proposals) for i, b in run.boxes.items()} if shapes else run.boxes
             with atomic_path(proposal_file(tmp, split, mode)) as path:
                 with open(path, "wb") as fh:
-                    np.savez_compressed(fh, **found)
-            ids = sorted(found)
-            boxes = [found[i] for i in ids]
+                    np.savez_compressed(fh, **run.boxes)
+            ids = sorted(run.boxes)
+            boxes = [run.boxes[i] for i in ids]
             gt = [annotations[i].boxes[~annotations[i].difficult] for i in ids]
             labels = [annotations[i].labels[~annotations[i].difficult] for i in ids]
             files[f"{split}-{mode}"] = {"split": split, "mode": mode,
@@ -350,8 +327,7 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
             seconds += run.seconds
     metrics = {**_summary(all_boxes, all_gt, all_skipped, seconds), "files": files,
                "n_jobs": joblib.effective_n_jobs(p.n_jobs), "backend": p.backend, "max_side": p.max_side,
-               "max_proposals": p.max_proposals,
-               "windows": windows}
+               "max_proposals": p.max_proposals}
     write_json(metrics_path, metrics)
     return metrics
 

@@ -40,7 +40,6 @@ from rcnn.fileio import write_json
 from rcnn.device import inference_autocast, seeded_rng, select_device
 from rcnn.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, TrainParams
-from rcnn.proposals import proposal_windows
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
 from rcnn.regions import read_index
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
@@ -338,9 +337,8 @@ def run_train_stage(params: Params, build: Callable[[Params, float, float], RoID
     point = open_resume_point(resume_dir, params, [regions_dir], voc_dir)
     with stage_live(live_dir, point) as live:  # the curves land only with the model they describe
         summary = fit(model, detector_cls, train, val, params, device, live, point)
-        save_roi_detector(model_path, model.cpu(), params, {
-            "best_epoch": summary["best_epoch"], "unlearned_classes": [c["class"] for c in summary["unlearned_classes"]],
-            "proposal_windows": proposal_windows(params, root) if model.takes_proposals else None})
+        save_roi_detector(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"], "unlearned_classes":
+                                                            [c["class"] for c in summary["unlearned_classes"]]})
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
         write_json(metrics_path, metrics)
     if point is not None:

@@ -47,7 +47,6 @@ from rcnn.device import select_device
 from rcnn.families.rcnn.model import RegionClassifier, build_model, save_checkpoint
 from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, to_dict
-from rcnn.proposals import proposal_windows
 from rcnn.region_boxes import ImageBoxes
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.families.rcnn.svm import fit_svms, svm_margins
@@ -347,8 +346,7 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
                 "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
                 "classifier": classifier["classifier"], "svm": svm, "best_epoch": summary["best_epoch"],
-                "unlearned_classes": [c["class"] for c in unlearned],
-                "proposal_windows": proposal_windows(params, voc_dir)}
+                "unlearned_classes": [c["class"] for c in unlearned]}
         save_checkpoint(model_path, model.cpu(), meta)
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
         metrics["final_classifier"] = classifier
