@@ -22,7 +22,7 @@ from rcnn.families.rcnn.features import crop_features
 from rcnn.families.rcnn.finetune import ProposalSampler, jitter_boxes
 from rcnn.families.rcnn.hard_negatives import mine_hard_negatives, negative_pool
 from rcnn.families.rcnn.model import RegionClassifier
-from rcnn.params import ModelParams, Params, TrainParams
+from rcnn.params import EvaluateParams, ModelParams, Params, TrainParams
 from rcnn.region_boxes import load_boxes
 from rcnn.families.rcnn.svm import fit_svms, svm_scores
 
@@ -200,10 +200,10 @@ def test_the_softmax_head_separates_the_same_toy_problem():
 def _paper_params(**train_changes) -> Params:
     train = {"optimizer": "sgd", "lr": 0.01, "batch_size": 32, "epochs": 1, "patience": 1, "device": "cpu",
              "hard_negative_rounds": 1, "box_jitter": 0.1, "feature_batch_size": 64, **train_changes}
-    return Params(classes=CLASSES,
+    return Params(classes=CLASSES,  # validation AP on 50 proposals an image (not 300) keeps the tests fast
                   model=ModelParams(backbone="resnet18", weights="none", hidden=32, trainable_layers=1,
                                     classifier="svm", bbox_regression=True),
-                  train=TrainParams(**train))
+                  train=TrainParams(**train), evaluate=EvaluateParams(max_proposals=50))
 
 
 def test_fine_tuning_with_svms_and_hard_negatives_is_reproducible_and_detects(regions_dir, tmp_path):

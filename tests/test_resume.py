@@ -105,13 +105,14 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
 
 
 def test_a_killed_fine_tuning_resumes_to_the_same_bytes(regions_dir, tmp_path, monkeypatch):
-    from rcnn.params import ModelParams, TrainParams
+    from rcnn.params import EvaluateParams, ModelParams, TrainParams
 
-    params = Params(classes=["car", "dog", "person"],
+    # validation AP on 50 proposals an image, not 300, and no hard negatives: the resume is tested, not the AP
+    params = Params(classes=["car", "dog", "person"], evaluate=EvaluateParams(max_proposals=50),
                     model=ModelParams(backbone="resnet18", weights="none", hidden=32, trainable_layers=1,
                                       bbox_regression=True),
                     train=TrainParams(optimizer="sgd", lr=0.01, batch_size=32, epochs=2, patience=2, device="cpu",
-                                      schedule="cosine", hard_negative_rounds=1, feature_batch_size=64,
+                                      schedule="cosine", feature_batch_size=64,
                                       allow_collapse=True))
     root = regions_dir.parent / "VOC2007"
 
@@ -151,9 +152,10 @@ def test_the_key_covers_the_params_the_train_stage_declares():
 
 def test_a_killed_frozen_head_training_resumes_to_the_same_bytes_saving_only_the_head(regions_dir, features_dir,
                                                                                     tmp_path, monkeypatch):
-    from rcnn.params import ModelParams, TrainParams
+    from rcnn.params import EvaluateParams, ModelParams, TrainParams
 
-    params = Params(classes=["car", "dog", "person"], model=ModelParams(backbone="resnet18", weights="none", hidden=64),
+    # validation AP on 50 proposals an image, not 300, and no hard negatives: the resume is tested, not the AP
+    params = Params(classes=["car", "dog", "person"], evaluate=EvaluateParams(max_proposals=50), model=ModelParams(backbone="resnet18", weights="none", hidden=64),
                     train=TrainParams(lr=1e-3, batch_size=32, epochs=4, patience=4, device="cpu",
                                       feature_batch_size=64, allow_collapse=True))
 
