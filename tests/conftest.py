@@ -34,6 +34,19 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+# The files whose tests run whole pipelines, longest first (measured on 2 cores, docs/testing.md). They start
+# first, and the many quick files fill in behind them, so the workers finish together: with pytest-xdist's
+# default order (files with the most tests first) the longest files started last and one worker ran on
+# alone for a minute. Needs --no-loadscope-reorder (pyproject.toml).
+LONGEST_FILES = ("test_dvc_pipeline.py", "test_bench.py", "test_dvc_families.py", "test_faster_rcnn.py",
+                 "test_class_accuracy.py", "test_resume.py", "test_finetune.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def shipped_params_text() -> str:
     """The params.yaml the project ships: the committed one (``git show HEAD:params.yaml``), not the workspace's,
     which ``dvc exp run -S`` rewrites; the file itself outside a git checkout."""
