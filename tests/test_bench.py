@@ -79,7 +79,8 @@ def test_families_bench_compares_the_families_with_the_stock_peer(tmp_path, synt
     tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "train.image_sizes=[96]", "model.roi_channels=8",
             "model.roi_size=3", "model.hidden=16", "train.epochs=2", "proposals.max_proposals=100",
             "evaluate.max_proposals=100", "train.min_steps=0", "train.allow_collapse=true",
-            "model.require_weights=false", "proposals.mode=fast", "proposals.eval_mode=fast"]  # plumbing on random features: 12 steps, not 960
+            "model.require_weights=false",  # plumbing on random features: 12 steps, not 960
+            "proposals.mode=fast", "proposals.eval_mode=fast"]  # the presets' quality search is most of the time
     proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",
                            "--backbone", "resnet18", "--weights", "none", "--split", "test", "--presets", "fast-rcnn",
                            "faster-rcnn", "--set", *tiny, "--peer-epochs", "1", "--out", str(out)],
@@ -209,8 +210,7 @@ SCALE = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
 def test_scale_bench_runs_every_stage_as_its_own_process_per_size(tmp_path):
     out = tmp_path / "scale"
     proc = subprocess.run([sys.executable, str(SCALE), "--sizes", "8", "12", "--set", "proposals.max_proposals=60",
-                           "evaluate.max_proposals=20", "train.epochs=1", "train.allow_collapse=true",
-                           "proposals.n_jobs=1", "--out", str(out)],  # no worker processes to start
+                           "evaluate.max_proposals=20", "train.epochs=1", "train.allow_collapse=true", "--out", str(out)],
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((out / "results.json").read_text())["runs"]

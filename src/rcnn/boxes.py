@@ -3,9 +3,8 @@
 Boxes are ``[x1, y1, x2, y2]`` in 0-based *inclusive* pixel coordinates (VOC XML stores the
 same corners 1-based), so a box's width is ``x2 - x1 + 1``: the VOC ``+1`` area convention.
 IoU is torchvision's formula (``torchvision.ops.box_iou``, same float32 operations) on boxes whose far
-corners are shifted by one pixel, which is exactly the ``+1`` rule, in NumPy: the proposals, regions
-and render stages need no torch, and importing torch and torchvision costs each of their processes
-about 3 s and 700 MB.
+corners are shifted by one pixel, which is exactly the ``+1`` rule, in NumPy: the proposals and regions
+stages need no torch, whose import (with torchvision) costs a process about 3 s and 700 MB.
 """
 
 from __future__ import annotations
