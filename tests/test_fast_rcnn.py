@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import roi_training, voc
+from rcnn import voc
 from rcnn.detection import run_evaluate_stage
 from rcnn.detectors import family, load_detector, run_features_stage, run_regions_stage, run_train_stage
 from rcnn.errors import RcnnError
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
 from rcnn.roi_detector import RoIAlignPool, save_roi_detector
-from rcnn.roi_training import Example, _load, steps_per_epoch
+from rcnn.roi_batches import Example, load_example, training_plan
+from rcnn.roi_training import steps_per_epoch
 from rcnn.params import Params, TrainParams, from_dict, to_dict
 from rcnn.proposals import run_proposals_stage
 from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
@@ -116,8 +117,8 @@ def test_flipped_example_mirrors_image_proposals_and_targets(synthetic_voc: Path
     item = ImageBoxes(image_id, ann.width, ann.height, props, np.array([0, 0]), ann.boxes, ann.labels,
                       np.zeros(len(ann.labels), bool))
     example = Example(voc.image_path(synthetic_voc, image_id), item, props, np.arange(len(ann.labels)))
-    plain_img, plain_props, plain_t = _load(example, flip=False)
-    flip_img, flip_props, flip_t = _load(example, flip=True)
+    plain_img, plain_props, plain_t = load_example(example, flip=False)
+    flip_img, flip_props, flip_t = load_example(example, flip=True)
     width = plain_img.shape[-1]
     torch.testing.assert_close(flip_img, plain_img.flip(-1))
     torch.testing.assert_close(flip_props[0], torch.tensor([width - 10.0, 0, width, 20]))
@@ -230,18 +231,15 @@ def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path
     assert (tmp_path / "detections" / "detections.npz").is_file()
 
 
-def test_small_sets_repeat_their_images_to_reach_min_steps(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(roi_training, "_load", lambda example, flip: (example, flip, {}))
-    examples = list(range(5))  # stand-ins: _load is replaced
+def test_small_sets_repeat_their_images_to_reach_min_steps():
     t = TrainParams(images_per_batch=2, epochs=10, min_steps=70)
     assert steps_per_epoch(5, t) == 7 and steps_per_epoch(5, TrainParams(images_per_batch=2)) == 3
-    batches = list(roi_training._batches(examples, 2, np.random.default_rng(0), True, 7))
-    seen = [i for images, _, _ in batches for i in images]
-    assert [len(b[0]) for b in batches] == [2] * 7 and sorted(set(seen)) == examples
-    assert all(seen[:5].count(i) == 1 for i in examples)  # each pass is a permutation
+    batches = training_plan(5, 2, np.random.default_rng(0), 7)
+    seen = [index for batch in batches for index, _ in batch]
+    assert [len(b) for b in batches] == [2] * 7 and sorted(set(seen)) == list(range(5))
+    assert all(seen[:5].count(i) == 1 for i in range(5))  # each pass is a permutation
     # When min_steps does not bind, an epoch is one pass, drawn exactly as without it.
-    one = [i for images, _, _ in roi_training._batches(examples, 2, np.random.default_rng(0), True, 3)
-           for i in images]
+    one = [index for batch in training_plan(5, 2, np.random.default_rng(0), 3) for index, _ in batch]
     assert one == list(np.random.default_rng(0).permutation(5))
 
 

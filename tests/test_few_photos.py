@@ -20,7 +20,8 @@ from rcnn.optim import backbone_rate, build_optimizer
 from rcnn.params import TrainParams, from_dict
 from rcnn.region_boxes import ImageBoxes
 from rcnn.roi_detector import save_roi_detector
-from rcnn.roi_training import Example, _training_order, init_class_prior, repeat_factors
+from rcnn.roi_batches import Example, repeat_factors, training_order
+from rcnn.roi_training import init_class_prior
 
 BUILDER = Path(__file__).resolve().parents[1] / "bench" / "few_photos.py"
 
@@ -40,9 +41,9 @@ def test_repeat_factors_follow_lvis_and_draw_rare_class_images_more_often():
     assert per_class[1] == 1.0 and per_class[2] == pytest.approx(np.sqrt(5))
     assert list(per_image[:9]) == [1.0] * 9 and per_image[9] == pytest.approx(np.sqrt(5))
     assert list(repeat_factors(examples, 3, threshold=0.0)[0]) == [1.0] * 10  # off
-    order = _training_order(10, 10_000, np.random.default_rng(0), per_image)
+    order = training_order(10, 10_000, np.random.default_rng(0), per_image)
     assert np.mean(order == 9) == pytest.approx(np.sqrt(5) / (9 + np.sqrt(5)), abs=0.01)
-    again = _training_order(10, 10_000, np.random.default_rng(0), per_image)
+    again = training_order(10, 10_000, np.random.default_rng(0), per_image)
     np.testing.assert_array_equal(order, again)  # seeded: the same draw every run
 
 

@@ -17,7 +17,7 @@ from rcnn.params import Params, from_dict
 from rcnn.proposals import run_proposals_stage
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("seconds", "seconds_per_epoch", "resumed_from_epoch")
+TIMING = ("seconds", "seconds_per_epoch", "steps_per_second", "resumed_from_epoch")
 
 
 def _fast_rcnn_params(source: Path, **train) -> Params:

@@ -19,19 +19,37 @@ import torch
 from rcnn.errors import RcnnError
 
 class ClassTally:
-    """Regions seen and regions classified correctly, per label (0 is background)."""
+    """Regions seen and regions classified correctly, per label (0 is background). Batches are counted where
+    their tensors are, and read back only when a count is asked for: on a GPU a training step waits for
+    nothing."""
 
     def __init__(self, num_labels: int) -> None:
-        self.seen = np.zeros(num_labels, np.int64)
-        self.correct = np.zeros(num_labels, np.int64)
+        self._seen = np.zeros(num_labels, np.int64)
+        self._correct = np.zeros(num_labels, np.int64)
+        self._pending: torch.Tensor | None = None  # (2, num_labels) counts on the batches' device, not yet read
 
     def add(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
         """Count one batch of predicted and true labels."""
-        labels_np = labels.detach().cpu().numpy().astype(np.int64)
-        hit = predicted.detach().cpu().numpy() == labels_np
-        size = len(self.seen)
-        self.seen += np.bincount(labels_np, minlength=size)[:size]
-        self.correct += np.bincount(labels_np[hit], minlength=size)[:size]
+        labels = labels.detach().long()
+        counts = torch.zeros(2, len(self._seen), dtype=torch.int64, device=labels.device)
+        counts[0].index_add_(0, labels, torch.ones_like(labels))
+        counts[1].index_add_(0, labels, (predicted.detach() == labels).long())
+        self._pending = counts if self._pending is None else self._pending + counts
+
+    def _read(self) -> None:
+        if self._pending is not None:
+            seen, correct = self._pending.cpu().numpy()
+            self._seen, self._correct, self._pending = self._seen + seen, self._correct + correct, None
+
+    @property
+    def seen(self) -> np.ndarray:
+        self._read()
+        return self._seen
+
+    @property
+    def correct(self) -> np.ndarray:
+        self._read()
+        return self._correct
 
     def fg_accuracy(self) -> float:
         """Share of all foreground regions classified as their own class."""

@@ -164,6 +164,9 @@ class TrainParams:
     # > 0: the backbone's multiple derived from the data, min(1, max(backbone_lr, rarest class's objects / this))
     backbone_lr_objects: int = field(default=0, metadata=_range(0, 1_000_000))
     prior_init: bool = False
+    # Fast/Faster R-CNN: processes reading and decoding training images beside the step; auto: none on a CPU,
+    # half the cores (at most 8) beside a GPU. Never changes the result, only how soon batches are ready.
+    workers: int | Literal["auto"] = field(default="auto", metadata=_range(0, 64))
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
 
 def _check_range(key: str, value: Any, spec: tuple) -> None:
     lo, hi, lo_open, hi_open = spec
-    if value is None:
+    if value is None or isinstance(value, str):  # a named choice beside a number (workers: auto)
         return
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     too_high = hi is not None and (value >= hi if hi_open else value > hi)

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -40,48 +38,15 @@ from rcnn.fileio import write_json
 from rcnn.device import inference_autocast, seeded_rng, select_device
 from rcnn.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.params import Params, TrainParams
-from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes
+from rcnn.region_boxes import BOXES_FILE, load_boxes
 from rcnn.regions import read_index
 from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
-from rcnn.roi_detector import RoIDetection, RoIDetector, flip_boxes, image_tensor, save_roi_detector, to_continuous
+from rcnn.roi_batches import (Batch, BatchLoader, Example, in_order_plan, loader_workers, repeat_factors,
+                              to_device, training_examples, training_plan)
+from rcnn.roi_detector import RoIDetection, RoIDetector, save_roi_detector
 
 VAL_SAMPLE_SEED = 12345  # the validation loss uses the same RoI sample every epoch
-
-
-@dataclass
-class Example:
-    """One training image in memory-light form: the image is read when its batch comes."""
-
-    path: Path
-    boxes: ImageBoxes
-    proposals: np.ndarray  # labelled (not ignored) proposals, inclusive corners; none for Faster R-CNN
-    gt_index: np.ndarray  # objects to learn (difficult ones excluded unless asked)
-
-
-def _examples(root: Path, items: Sequence[ImageBoxes], difficult_as_foreground: bool,
-              bg_iou_low: float = 0.0) -> list[Example]:
-    out = []
-    for item in items:
-        proposals, gt_index = item.training_targets(difficult_as_foreground, bg_iou_low)
-        out.append(Example(voc.image_path(root, item.image_id), item, proposals, gt_index))
-    return out
-
-
-def _load(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
-    """Image tensor, proposals and targets (continuous corners), flipped if asked; None if unreadable."""
-    try:
-        image = image_tensor(voc.read_image(example.path))
-    except RcnnError as err:
-        warnings.warn(f"skipping unreadable training image: {err}", RuntimeWarning, stacklevel=2)
-        return None
-    proposals = to_continuous(example.proposals)
-    gt = to_continuous(example.boxes.gt_boxes[example.gt_index])
-    labels = torch.from_numpy(example.boxes.gt_labels[example.gt_index].astype(np.int64))
-    if flip:
-        width = image.shape[-1]
-        image = image.flip(-1)
-        proposals, gt = flip_boxes(proposals, width), flip_boxes(gt, width)
-    return image, proposals, {"boxes": gt, "labels": labels}
+DIVERGENCE_CHECK_STEPS = 20  # a non-finite loss stops training within this many steps
 
 
 def init_class_prior(model: RoIDetector, fg_fraction: float) -> None:
@@ -102,92 +67,68 @@ def steps_per_epoch(num_images: int, t: TrainParams) -> int:
     return max(-(-num_images // t.images_per_batch), -(-t.min_steps // t.epochs))
 
 
-def repeat_factors(examples: list[Example], num_classes: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """LVIS's repeat-factor sampling (detectron2's ``RepeatFactorTrainingSampler``): class ``c``, held by a
-    share ``f(c)`` of the training images, gets ``r(c) = max(1, sqrt(threshold / f(c)))``; an image the largest
-    ``r`` of its classes. Returns the factor of each image and of each label (index 0 unused); all ones for
-    ``threshold`` 0."""
-    held = np.zeros(num_classes)
-    labels = [np.unique(ex.boxes.gt_labels[ex.gt_index]) for ex in examples]
-    for image_labels in labels:
-        held[image_labels] += 1
-    share = held / max(len(examples), 1)
-    per_class = np.ones(num_classes)
-    if threshold > 0:
-        per_class[share > 0] = np.maximum(1.0, np.sqrt(threshold / share[share > 0]))
-    per_image = np.array([per_class[x].max() if len(x) else 1.0 for x in labels])
-    return per_image, per_class
-
-
-def _training_order(n: int, needed: int, rng: np.random.Generator, repeat: np.ndarray | None) -> np.ndarray:
-    """``needed`` image indices: passes over the images, each in a fresh order; with ``repeat`` factors each
-    pass holds image i ``floor(r_i)`` times and once more with probability ``r_i - floor(r_i)``."""
-    if repeat is None:
-        passes = -(-needed // n)
-        return np.concatenate([rng.permutation(n) for _ in range(passes)])[:needed]
-    order, total = [], 0
-    while total < needed:
-        counts = np.floor(repeat).astype(np.int64) + (rng.random(n) < repeat - np.floor(repeat))
-        one_pass = np.repeat(np.arange(n), counts)
-        order.append(one_pass[rng.permutation(len(one_pass))])
-        total += len(one_pass)
-    return np.concatenate(order)[:needed]
-
-
-def _batches(examples: list[Example], images_per_batch: int, rng: np.random.Generator,
-             training: bool, steps: int | None = None,
-             repeat: np.ndarray | None = None) -> Iterator[tuple[list, list, list]]:
-    """Batches in a shuffled order with random flips when ``training`` (``steps`` batches, passing over the
-    images as often as that takes, each pass in a fresh order, images drawn by their ``repeat`` factors where
-    given), else every image once, in order, unflipped."""
-    if training:
-        one_pass = -(-len(examples) // images_per_batch)
-        needed = steps * images_per_batch if steps and steps > one_pass else len(examples)
-        order = _training_order(len(examples), needed, rng, repeat)
-        flips = rng.random(len(order)) < 0.5
-    else:
-        order, flips = np.arange(len(examples)), np.zeros(len(examples), bool)
-    for start in range(0, len(order), images_per_batch):
-        loaded = [_load(examples[i], bool(flip)) for i, flip in zip(order[start:start + images_per_batch],
-                                                                     flips[start:start + images_per_batch])]
-        loaded = [x for x in loaded if x is not None]
-        if loaded:
-            images, proposals, targets = zip(*loaded)
-            yield list(images), list(proposals), list(targets)
-
-
 class _Meter:
-    """Epoch totals of the multi-task loss and RoI accuracy (overall, foreground, and per class)."""
+    """Epoch totals of the multi-task loss and RoI accuracy (overall, foreground, and per class), summed where the
+    losses are and read once, at the epoch's end."""
 
-    def __init__(self, num_labels: int) -> None:
-        self.sums = {"loss": 0.0}  # and one entry per loss term (the RPN's too, for Faster R-CNN)
+    def __init__(self, num_labels: int, device: torch.device) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # "loss" and one entry per loss term (the RPN's too)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.steps = 0
         self.tally = ClassTally(num_labels)
 
     def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.steps += 1
-        for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.sums["loss"] += float(sum(losses.values()))
+        for key, value in {"loss": sum(losses.values()), **losses}.items():
+            value = value.detach().to(self.dtype)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.tally.add(logits.argmax(dim=1), labels)
 
+    def check_finite(self, epoch: int, lr: float) -> None:
+        """The divergence error if any loss so far was not finite (a NaN or inf stays in the running sum)."""
+        total = float(self.sums.get("loss", 0.0))
+        if not np.isfinite(total):
+            raise RcnnError(f"training diverged at epoch {epoch} (loss {total}): lower train.lr (now {lr}) or add "
+                            f"train.warmup_epochs")
+
     def result(self) -> dict[str, float]:
-        out = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+        out = {key: float(value) / max(self.steps, 1) for key, value in self.sums.items()}
+        out.setdefault("loss", 0.0)
         seen = max(int(self.tally.seen.sum()), 1)
         return {**out, "accuracy": int(self.tally.correct.sum()) / seen, "fg_accuracy": self.tally.fg_accuracy(),
                 "fg_share": int(self.tally.seen[1:].sum()) / seen}
 
 
-def roi_meter(model: RoIDetector, examples: list[Example], images_per_batch: int, device: torch.device) -> _Meter:
-    """Loss and RoI classification of ``model`` (eval mode) on ``examples``, with the same RoI sample every
-    time: the validation numbers of every epoch, and the trained model's accuracy on its training images."""
+def train_epoch(model: RoIDetector, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, meter: _Meter, epoch: int,
+                lr: float) -> None:
+    """One pass of optimiser steps over ``batches``; the losses are read (divergence checked) only every
+    :data:`DIVERGENCE_CHECK_STEPS` steps and at the end, so that a GPU step waits for nothing."""
+    model.train()
+    for step, batch in enumerate(batches, start=1):
+        images, proposals, targets = to_device(batch, device)
+        with inference_autocast(device):
+            losses, logits, labels = model.losses(images, proposals, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        scheduler.step()
+        meter.add(losses, logits, labels)
+        if step % DIVERGENCE_CHECK_STEPS == 0:
+            meter.check_finite(epoch, lr)
+    meter.check_finite(epoch, lr)
+
+
+def roi_meter(model: RoIDetector, loader: BatchLoader, num_examples: int, images_per_batch: int,
+              device: torch.device) -> _Meter:
+    """Loss and RoI classification of ``model`` (eval mode) on the examples of ``loader``, with the same RoI
+    sample every time: the validation numbers of every epoch, and the trained model's accuracy on its training
+    images."""
     model.eval()
-    meter = _Meter(model.config["num_classes"] + 1)
+    meter = _Meter(model.config["num_classes"] + 1, device)
     with seeded_rng(VAL_SAMPLE_SEED), torch.inference_mode(), inference_autocast(device):
-        for images, proposals, targets in _batches(examples, images_per_batch, np.random.default_rng(0), False):
-            losses, logits, labels = model.losses([i.to(device) for i in images], [p.to(device) for p in proposals],
-                                                  [{k: v.to(device) for k, v in t.items()} for t in targets])
-            meter.add(losses, logits, labels)
+        for batch in loader(in_order_plan(num_examples, images_per_batch)):
+            meter.add(*model.losses(*to_device(batch, device)))
     return meter
 
 
@@ -227,46 +168,40 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     optimizer = build_optimizer(model.parameters(), t, model.body.parameters(), backbone_lr)
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)
+    workers = loader_workers(t.workers, device)
+    train_loader, val_loader = BatchLoader(train, workers, device), BatchLoader(val, workers, device)
     rng = np.random.default_rng(params.seed)
     best: dict = {"best_epoch": 0}
     best_key, best_state = (-1.0, float("-inf")), None
     start, epochs_run, resumed_from, stopped, earlier_seconds = time.perf_counter(), 0, None, False, 0.0
+    timing = {"step_seconds": 0.0, "steps": 0, "validation_seconds": 0.0, "validated_epochs": 0}
     loop = restore_training(resume, model, optimizer, scheduler, numpy_rng=rng)
     if loop is not None:
         best, best_key, best_state = loop["best"], tuple(loop["best_key"]), loop["best_state"]
         epochs_run = resumed_from = int(loop["epoch"])
-        stopped, earlier_seconds = bool(loop["stopped"]), float(loop["seconds"])
+        stopped, earlier_seconds, timing = bool(loop["stopped"]), float(loop["seconds"]), loop["timing"]
     bar = tqdm(range(epochs_run + 1, t.epochs + 1 if not stopped else epochs_run + 1), desc=f"train {model.arch}",
                unit="epoch", initial=epochs_run, total=t.epochs)
     for epoch in bar:
-        model.train()
-        meter = _Meter(model.config["num_classes"] + 1)
-        for images, proposals, targets in tqdm(_batches(train, t.images_per_batch, rng, True, steps,
-                                                                     repeat if t.repeat_threshold else None),
-                                               total=steps,
-                                               desc=f"epoch {epoch}", unit="batch", leave=False):
-            with inference_autocast(device):
-                losses, logits, labels = model.losses([i.to(device) for i in images],
-                                                      [p.to(device) for p in proposals],
-                                                      [{k: v.to(device) for k, v in x.items()} for x in targets])
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise RcnnError(f"training diverged at epoch {epoch} (loss {float(loss)}): lower train.lr (now {t.lr}) "
-                                f"or add train.warmup_epochs")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            meter.add({k: v.detach() for k, v in losses.items()}, logits, labels)
-        train_m = meter.result()
+        meter = _Meter(model.config["num_classes"] + 1, device)
+        plan = training_plan(len(train), t.images_per_batch, rng, steps, repeat if t.repeat_threshold else None)
+        epoch_start = time.perf_counter()
+        train_epoch(model, tqdm(train_loader(plan), total=len(plan), desc=f"epoch {epoch}", unit="batch",
+                                leave=False), optimizer, scheduler, device, meter, epoch, t.lr)
+        train_m = meter.result()  # reads the device: the epoch's steps are done
+        timing["step_seconds"] += time.perf_counter() - epoch_start
+        timing["steps"] += meter.steps
         epochs_run = epoch
         if live is not None:
             for name in ("loss", "accuracy", "fg_accuracy"):
                 live.log_metric(f"train/{name}", train_m[name])
             live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
         if epoch >= first_validated_epoch(t):
-            val_meter = roi_meter(model, val, t.images_per_batch, device)
+            validation_start = time.perf_counter()
+            val_meter = roi_meter(model, val_loader, len(val), t.images_per_batch, device)
             val_m = {**val_meter.result(), **validation_ap(model, detector_cls, val, params, device)}
+            timing["validation_seconds"] += time.perf_counter() - validation_start
+            timing["validated_epochs"] += 1
             if live is not None:
                 for name in ("loss", "accuracy", "fg_accuracy", "map"):
                     live.log_metric(f"val/{name}", val_m[name])
@@ -284,12 +219,13 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
             live.next_step()
         stopped = patience_spent(epoch, best["best_epoch"], t)
         save_epoch(resume, live, model, optimizer, scheduler, numpy_rng=rng, epoch=epoch, stopped=stopped, best=best,
-                   best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start)
+                   best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start,
+                   timing=timing)
         if stopped:
             break
     seconds = earlier_seconds + time.perf_counter() - start
     model.load_state_dict(best_state)
-    trained = roi_meter(model, train, t.images_per_batch, device).tally
+    trained = roi_meter(model, train_loader, len(train), t.images_per_batch, device).tally
     collapsed, unlearned = check_trained(
         trained, params.classes, objects, with_weights_advice(
             f"train longer (train.min_steps, now {t.min_steps}; train.epochs, now {t.epochs}; this run made {steps} "
@@ -301,6 +237,11 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     return {**best, "epochs_run": epochs_run, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / max(epochs_run, 1), 4), "device": str(device),
             "steps_per_epoch": steps, "train_images": len(train), "val_images": len(val),
+            # optimiser steps a second of training (validation excluded), and seconds a scored epoch's
+            # validation took; the loader's worker processes (train.workers)
+            "steps_per_second": round(timing["steps"] / max(timing["step_seconds"], 1e-9), 4),
+            "validation_seconds": round(timing["validation_seconds"] / max(timing["validated_epochs"], 1), 3),
+            "workers": workers,
             # derived from the data: how often each class's images are drawn (train.repeat_threshold), and the
             # pre-trained backbone's rate as a multiple of train.lr (train.backbone_lr, train.backbone_lr_objects)
             "backbone_lr": backbone_lr,
@@ -326,8 +267,9 @@ def run_train_stage(params: Params, build: Callable[[Params, float, float], RoID
                         f"params say {params.classes}: rerun the regions stage")
     root = voc.find_voc_root(voc_dir)
     difficult = bool(index["difficult_as_foreground"])
-    train, val = (_examples(root, load_boxes(Path(regions_dir) / split / BOXES_FILE, len(params.classes)), difficult,
-                            params.train.bg_iou_low) for split in (params.data.train_split, params.data.val_split))
+    train, val = (training_examples(root, load_boxes(Path(regions_dir) / split / BOXES_FILE, len(params.classes)),
+                                    difficult, params.train.bg_iou_low)
+                  for split in (params.data.train_split, params.data.val_split))
     if not train or not val:
         raise RcnnError(f"no images to train on ({len(train)} in {params.data.train_split}, {len(val)} in "
                         f"{params.data.val_split}): check the regions stage output in {regions_dir}")
