@@ -25,10 +25,10 @@ from typing import Any, Sequence
 from families import (ap_cell, dataset_params, dataset_parser, git_commit, intervals_cell, pipeline, seed_summary,
                       write_results)  # bench/ is the script's folder
 from rcnn import presets
-from rcnn.detection import run_evaluate_stage
-from rcnn.errors import run_cli
-from rcnn.checkpoints import read_checkpoint, write_checkpoint
-from rcnn.params import from_dict
+from rcnn.engine.checkpoints import read_checkpoint, write_checkpoint
+from rcnn.pipeline.evaluate_stage import run_evaluate_stage
+from rcnn.pipeline.params import from_dict
+from rcnn.utils.errors import run_cli
 
 FROZEN = {"model.trainable_layers": 0, "train.optimizer": "adam", "train.lr": 0.0001, "train.schedule": "constant",
           "train.warmup_epochs": 0, "train.epochs": 100, "train.patience": 5, "train.weight_decay": 0.0,

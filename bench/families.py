@@ -37,13 +37,15 @@ import torchvision
 import yaml
 from stock_peer import peer
 
-from rcnn import download, presets
-from rcnn.detection import run_evaluate_stage
-from rcnn.detectors import run_features_stage, run_proposals_stage, run_regions_stage, run_train_stage
-from rcnn.device import inference_dtype, select_device
-from rcnn.errors import run_cli
-from rcnn.fileio import atomic_path, write_json
-from rcnn.params import Params, from_dict, set_dotted
+from rcnn import presets
+
+from rcnn.data import download
+from rcnn.engine.device import inference_dtype, select_device
+from rcnn.pipeline.evaluate_stage import run_evaluate_stage
+from rcnn.pipeline.family_registry import run_features_stage, run_proposals_stage, run_regions_stage, run_train_stage
+from rcnn.pipeline.params import Params, from_dict, set_dotted
+from rcnn.utils.errors import run_cli
+from rcnn.utils.fileio import atomic_path, write_json
 
 
 def pipeline(params: Params, work: Path) -> dict[str, Any]:

@@ -24,9 +24,9 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from rcnn import voc
-from rcnn.errors import CliParser, RcnnError, run_cli
-from rcnn.fileio import atomic_dir
+from rcnn.data import voc
+from rcnn.utils.errors import CliParser, RcnnError, run_cli
+from rcnn.utils.fileio import atomic_dir
 
 SPLITS = ("train", "val", "test")
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from rcnn.errors import run_cli
-from rcnn.fileio import write_json
-from rcnn.formats import coco, yolo
+from rcnn.data.formats import coco, yolo
 from rcnn.synthetic import DEFAULT_CLASSES, QUICK_PARAMS, generate
+from rcnn.utils.errors import run_cli
+from rcnn.utils.fileio import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ["train", "val", "test"]

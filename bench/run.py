@@ -34,16 +34,19 @@ import numpy as np
 import torch
 import torchvision
 
-from rcnn import proposals, regions, synthetic, voc
+from rcnn import synthetic
+from rcnn.data import voc
+from rcnn.engine.device import inference_dtype, select_device
 from rcnn.families.rcnn import features, train_data, training
-from rcnn.detector import Timings
+from rcnn.families.rcnn import regions
 from rcnn.families.rcnn.detector import RCNNDetector
-from rcnn.errors import RcnnError, run_cli
-from rcnn.fileio import atomic_path, write_json
-from rcnn.device import inference_dtype, select_device
 from rcnn.families.rcnn.model import RegionClassifier, build_model
-from rcnn.params import (BACKBONES, SPLITS, VOC_CLASSES, DataParams, EvaluateParams, ModelParams, Params,
-                         ProposalParams, RegionParams, TrainParams)
+from rcnn.modeling.detector_interface import Timings
+from rcnn.pipeline.params import (BACKBONES, SPLITS, VOC_CLASSES, DataParams, EvaluateParams, ModelParams, Params,
+                                  ProposalParams, RegionParams, TrainParams)
+from rcnn.proposals import selective_search
+from rcnn.utils.errors import RcnnError, run_cli
+from rcnn.utils.fileio import atomic_path, write_json
 
 import tutorial_way as tutorial  # bench/ is on sys.path when this file runs as a script
 
@@ -143,19 +146,19 @@ def prepare_workload(args: argparse.Namespace, tmp: Path) -> Workload:
 
 # ---------------------------------------------------------------- sections
 
-def bench_proposals(w: Workload, repeats: int) -> tuple[dict, list[Row], proposals.ProposalRun, proposals.ProposalRun]:
+def bench_proposals(w: Workload, repeats: int) -> tuple[dict, list[Row], selective_search.ProposalRun, selective_search.ProposalRun]:
     """Images/s of selective search with 1 job and with ``proposals.n_jobs``, and the tutorial's way."""
     p = w.params.proposals
     n_jobs = joblib.effective_n_jobs(p.n_jobs)
     # Start the worker pool outside the timings (joblib reuses it; the stages pay this once per run).
-    _, pool_start = timed(lambda: proposals.compute_proposals(w.root, w.ids[:n_jobs], p.mode, p.max_proposals,
+    _, pool_start = timed(lambda: selective_search.compute_proposals(w.root, w.ids[:n_jobs], p.mode, p.max_proposals,
                                                               p.max_side, p.min_size, n_jobs=p.n_jobs,
                                                               backend=p.backend, desc="proposals warm-up"))
     one, many, tut = [], [], []
     for r in range(repeats):
-        run1 = proposals.compute_proposals(w.root, w.ids, p.mode, p.max_proposals, p.max_side, p.min_size, n_jobs=1,
+        run1 = selective_search.compute_proposals(w.root, w.ids, p.mode, p.max_proposals, p.max_side, p.min_size, n_jobs=1,
                                            backend=p.backend, desc=f"proposals 1 job #{r + 1}")
-        run_n = proposals.compute_proposals(w.root, w.ids, p.mode, p.max_proposals, p.max_side, p.min_size,
+        run_n = selective_search.compute_proposals(w.root, w.ids, p.mode, p.max_proposals, p.max_side, p.min_size,
                                             n_jobs=p.n_jobs, backend=p.backend,
                                             desc=f"proposals {n_jobs} jobs #{r + 1}")
         run_t = tutorial.compute_proposals(w.root, w.ids)
@@ -187,7 +190,7 @@ def bench_regions(w: Workload, repeats: int, ours_boxes: dict[str, np.ndarray], 
     """Regions written per second, bytes per region, files; and how fast they read back."""
     p = w.params
     proposals_dir = tmp / "proposals"
-    with atomic_path(proposals.proposal_file(proposals_dir, SPLIT, p.proposals.mode)) as path:
+    with atomic_path(selective_search.proposal_file(proposals_dir, SPLIT, p.proposals.mode)) as path:
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **ours_boxes)
     regions_dir = tmp / "regions"
@@ -304,9 +307,9 @@ def _detect_pass(w: Workload, detector: RCNNDetector, image_ids: Sequence[str],
     found = tut_found = 0
     for image_id in image_ids:
         image = voc.read_image(voc.image_path(w.root, image_id))
-        boxes, seconds = timed(lambda: proposals.selective_search(
+        boxes, seconds = timed(lambda: selective_search.selective_search(
             image, p.proposals.eval_mode, max_proposals, p.proposals.max_side, p.proposals.min_size,
-            proposals.image_seed(image_id)))
+            selective_search.image_seed(image_id)))
         ours["proposals"] += seconds
         found += len(detector.detect(image, boxes))
         count, times = tutorial.detect(detector.model, image, p.regions.crop_size, max_proposals, detector.device)

@@ -26,10 +26,10 @@ import psutil
 import yaml
 
 from families import save_results  # bench/ is the script's folder
-from rcnn import voc
-from rcnn.errors import RcnnError, run_cli
-from rcnn.params import from_dict, set_dotted
+from rcnn.data import voc
+from rcnn.pipeline.params import from_dict, set_dotted
 from rcnn.synthetic import generate
+from rcnn.utils.errors import RcnnError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"download": "data/voc", "proposals": "data/proposals", "regions": "data/regions",

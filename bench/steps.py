@@ -32,18 +32,26 @@ import yaml
 from families import git_commit, save_results  # bench/ is the script's folder
 from stock_peer import _batch, build_stock_peer
 
-from rcnn import download, presets, roi_detector, roi_training, voc
-from rcnn.detectors import run_proposals_stage, run_regions_stage
-from rcnn.device import inference_dtype, select_device, use_channels_last
-from rcnn.errors import run_cli
+from rcnn import presets
+
+from rcnn.data import download
+
+from rcnn.modeling import two_stage
+
+from rcnn.engine import two_stage_trainer
+
+from rcnn.data import voc
+from rcnn.engine.device import inference_dtype, select_device, use_channels_last
+from rcnn.engine.optim import build_optimizer, build_scheduler
+from rcnn.engine.two_stage_batches import BatchLoader, PlanItem, loader_workers, training_examples, training_plan
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.families.faster_rcnn.model import build_faster_rcnn
-from rcnn.optim import build_optimizer, build_scheduler
-from rcnn.params import Params, from_dict, set_dotted
-from rcnn.region_boxes import BOXES_FILE, load_boxes
-from rcnn.regions import read_index
-from rcnn.roi_batches import BatchLoader, PlanItem, loader_workers, training_examples, training_plan
+from rcnn.pipeline.family_registry import run_proposals_stage, run_regions_stage
+from rcnn.pipeline.params import Params, from_dict, set_dotted
+from rcnn.proposals.labelling import read_index
+from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
 from rcnn.synthetic import generate
+from rcnn.utils.errors import run_cli
 
 SYNTHETIC_CLASSES = ["car", "dog", "person"]
 
@@ -88,12 +96,12 @@ def switched(name: str, device: torch.device) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if name == "channels_last":
             flipped = not use_channels_last(device)
-            stack.enter_context(mock.patch.object(roi_detector, "use_channels_last", lambda _: flipped))
+            stack.enter_context(mock.patch.object(two_stage, "use_channels_last", lambda _: flipped))
         elif name == "precision":
             fp32 = inference_dtype(device) == torch.float32
             cast = (lambda _: torch.autocast(device.type, dtype=torch.bfloat16)) if fp32 else \
                 (lambda _: contextlib.nullcontext())
-            stack.enter_context(mock.patch.object(roi_training, "inference_autocast", cast))
+            stack.enter_context(mock.patch.object(two_stage_trainer, "inference_autocast", cast))
         elif name == "cudnn_benchmark":
             stack.enter_context(mock.patch.object(torch.backends.cudnn, "benchmark", True))
         yield
@@ -121,7 +129,7 @@ def time_steps(step: Callable[[list[list[PlanItem]]], None], plan: list[list[Pla
 
 def ours(params: Params, build: Callable, regions: Path, root: Path, plan: list[list[PlanItem]], warmup: int,
          device: torch.device, workers: int) -> float:
-    """ms per step of the project's trainer (:func:`rcnn.roi_training.train_epoch`) on ``plan``."""
+    """ms per step of the project's trainer (:func:`rcnn.engine.two_stage_trainer.train_epoch`) on ``plan``."""
     index = read_index(regions, "boxes")
     examples = training_examples(root, load_boxes(regions / "train" / BOXES_FILE, len(params.classes)),
                                  bool(index["difficult_as_foreground"]), params.train.bg_iou_low)
@@ -130,10 +138,10 @@ def ours(params: Params, build: Callable, regions: Path, root: Path, plan: list[
     optimizer = build_optimizer(model.parameters(), params.train, model.body.parameters(), params.train.backbone_lr)
     scheduler = build_scheduler(optimizer, len(plan), params.train)
     loader = BatchLoader(examples, workers, device)
-    meter = roi_training._Meter(params.num_classes, device)
+    meter = two_stage_trainer._Meter(params.num_classes, device)
 
     def step(batches: list[list[PlanItem]]) -> None:
-        roi_training.train_epoch(model, loader(batches), optimizer, scheduler, device, meter, 1, params.train.lr)
+        two_stage_trainer.train_epoch(model, loader(batches), optimizer, scheduler, device, meter, 1, params.train.lr)
         meter.result()  # the epoch's one read of the device
     return time_steps(step, plan, warmup, device)
 

@@ -29,17 +29,17 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
-from rcnn import voc
-from rcnn.backbones import backbone_units, build_backbone
-from rcnn.bootstrap import map_intervals
-from rcnn.boxes import INCLUSIVE_SHIFT, clip_boxes
-from rcnn.device import inference_dtype, select_device
-from rcnn.evaluation import Detections, evaluate_detections
-from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch
-from rcnn.params import Params
-from rcnn.resume import ResumePoint, restore_training, resume_key, save_epoch
-from rcnn.roi_detector import flip_boxes, image_tensor
-from rcnn.roi_training import steps_per_epoch
+from rcnn.data import voc
+from rcnn.engine.device import inference_dtype, select_device
+from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch
+from rcnn.engine.resume import ResumePoint, restore_training, resume_key, save_epoch
+from rcnn.engine.two_stage_trainer import steps_per_epoch
+from rcnn.evaluation.bootstrap import map_intervals
+from rcnn.evaluation.voc_eval import Detections, evaluate_detections
+from rcnn.modeling.backbones import backbone_units, build_backbone
+from rcnn.modeling.image_input import flip_boxes, image_tensor
+from rcnn.pipeline.params import Params
+from rcnn.utils.boxes import INCLUSIVE_SHIFT, clip_boxes
 
 NMS_CHOICES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the peer's NMS IoU is picked among these on the validation split
 

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rcnn import proposals, voc
-from rcnn.fileio import load_pickle
+from rcnn.proposals import selective_search
+
+from rcnn.data import voc
 from rcnn.families.rcnn.model import RegionClassifier, preprocess
 from rcnn.families.rcnn.train_data import TrainData
+from rcnn.utils.fileio import load_pickle
 
 TRAIN_PROPOSALS = 1000  # the first 1,000 fast-mode rectangles
 MAX_BOXES = 50  # regions per image, half foreground, half background
@@ -35,9 +37,9 @@ NMS_IOU = 0.5
 DETECT_BATCH = 64
 
 
-def compute_proposals(root: Path, image_ids: Sequence[str]) -> proposals.ProposalRun:
+def compute_proposals(root: Path, image_ids: Sequence[str]) -> selective_search.ProposalRun:
     """Fast-mode selective search, sequential and at full resolution, first 1,000 boxes of each image."""
-    return proposals.compute_proposals(root, image_ids, "fast", TRAIN_PROPOSALS, max_side=None, min_size=1,
+    return selective_search.compute_proposals(root, image_ids, "fast", TRAIN_PROPOSALS, max_side=None, min_size=1,
                                        n_jobs=1, desc="tutorial proposals")
 
 
@@ -135,7 +137,7 @@ def detect(model: RegionClassifier, image_bgr: np.ndarray, size: int, max_propos
     detections and seconds per step."""
     times: dict[str, float] = {}
     start = time.perf_counter()
-    boxes = proposals.selective_search(image_bgr, "quality", max_proposals, max_side=None, min_size=1)
+    boxes = selective_search.selective_search(image_bgr, "quality", max_proposals, max_side=None, min_size=1)
     times["proposals"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -1,9 +1,9 @@
 """Stage download: put the requested VOC2007 splits into data/voc (downloaded or from a local copy)."""
 from pathlib import Path
 
-from rcnn import download
-from rcnn.errors import run_cli
-from rcnn.params import load_params
+from rcnn.data import download
+from rcnn.pipeline.params import load_params
+from rcnn.utils.errors import run_cli
 
 OUT_DIR = Path("data/voc")
 CACHE_DIR = Path("data/.downloads")  # resumable, verified archives; outside the DVC output on purpose

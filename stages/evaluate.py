@@ -1,7 +1,7 @@
 """Stage evaluate: detect on the evaluation split, write VOC results files, mAP metrics and PR curves."""
-from rcnn.detection import run_evaluate_stage
-from rcnn.errors import run_cli
-from rcnn.params import load_params
+from rcnn.pipeline.evaluate_stage import run_evaluate_stage
+from rcnn.pipeline.params import load_params
+from rcnn.utils.errors import run_cli
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Stage render: draw stored detections (and ground truth) on the first evaluation images, plus a grid."""
-from rcnn.drawing import run_render_stage
-from rcnn.errors import run_cli
-from rcnn.params import load_params
+from rcnn.evaluation.drawing import run_render_stage
+from rcnn.pipeline.params import load_params
+from rcnn.utils.errors import run_cli
 
 
 def main() -> None:

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import proposals, regions
+from rcnn.proposals import selective_search
+
+from rcnn.data.formats import coco, yolo
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.families.rcnn import features
-from rcnn.formats import coco, yolo
-from rcnn.params import ModelParams, Params, TrainParams, from_dict
-from rcnn.roi_detector import save_roi_detector
+from rcnn.families.rcnn import regions
+from rcnn.modeling.two_stage import save_roi_detector
+from rcnn.pipeline.params import ModelParams, Params, TrainParams, from_dict
 from rcnn.synthetic import generate
 
 REGION_CLASSES = ["car", "dog", "person"]
@@ -100,7 +102,7 @@ def regions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = dataclasses.replace(p, proposals=dataclasses.replace(p.proposals, max_side=128, max_proposals=200, n_jobs=1),
                             regions=dataclasses.replace(p.regions, crop_size=64, max_boxes=24, shard_size=100,
                                                         fg_iou=0.5, bg_iou=0.3, add_ground_truth=True))
-    proposals.run_proposals_stage(p, voc_dir, root / "proposals", root / "proposals.json")
+    selective_search.run_proposals_stage(p, voc_dir, root / "proposals", root / "proposals.json")
     regions.run_regions_stage(p, voc_dir, root / "proposals", root / "regions", root / "regions.json", n_jobs=1)
     return root / "regions"
 

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from rcnn.families.rcnn.bbox_regression import fit_box_regressor, refine_boxes
-from rcnn.boxes import box_iou, decode_boxes, encode_boxes
+from rcnn.utils.boxes import box_iou, decode_boxes, encode_boxes
 
 
 def test_targets_round_trip():

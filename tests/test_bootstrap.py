@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rcnn.bootstrap import image_draws, map_intervals, resampled_maps
-from rcnn.evaluation import Detections, evaluate_detections
-from rcnn.voc import Annotation
+from rcnn.data.voc import Annotation
+from rcnn.evaluation.bootstrap import image_draws, map_intervals, resampled_maps
+from rcnn.evaluation.voc_eval import Detections, evaluate_detections
 
 CLASSES = ["car", "dog", "person"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou as torchvision_box_iou
 
-from rcnn.boxes import INCLUSIVE_SHIFT, box_iou
+from rcnn.utils.boxes import INCLUSIVE_SHIFT, box_iou
 
 
 def _random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_iou_counts_pixels_inclusively_and_handles_empty_inputs():
 
 
 def test_the_geometry_module_does_not_import_torch():
-    code = ("import sys, numpy as np; from rcnn.boxes import box_iou; box_iou(np.ones((2, 4)), np.ones((3, 4))); "
+    code = ("import sys, numpy as np; from rcnn.utils.boxes import box_iou; box_iou(np.ones((2, 4)), np.ones((3, 4))); "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rcnn.coco_metrics import COCO_KEYS, coco_metrics
-from rcnn.evaluation import Detections
-from rcnn.voc import Annotation
+from rcnn.data.voc import Annotation
+from rcnn.evaluation.coco_metrics import COCO_KEYS, coco_metrics
+from rcnn.evaluation.voc_eval import Detections
 
 CLASSES = ["cat", "dog"]
 

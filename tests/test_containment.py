@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import yaml
 
-from rcnn import download, voc
-from rcnn.errors import ParamError, RcnnError
-from rcnn.evaluation import results_file
-from rcnn.fileio import contained, safe_name
-from rcnn.params import DataParams, from_dict
+from rcnn.data import download
+
+from rcnn.data import voc
+from rcnn.evaluation.voc_eval import results_file
+from rcnn.pipeline.params import DataParams, from_dict
+from rcnn.utils.errors import ParamError, RcnnError
+from rcnn.utils.fileio import contained, safe_name
 
 CLASSES = ["car", "dog", "person"]
 SPLITS = ["train", "val", "test"]

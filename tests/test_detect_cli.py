@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from rcnn import voc
+from rcnn.data import voc
 from rcnn.detect_cli import main
 
 CLASSES = ["car", "dog", "person"]

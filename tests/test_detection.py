@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import voc
+from rcnn.data import voc
 from rcnn.detect_cli import main
-from rcnn.detection import run_evaluate_stage
-from rcnn.detector import postprocess_detections
-from rcnn.detectors import load_detector
-from rcnn.errors import RcnnError
-from rcnn.evaluation import load_detections, read_voc_results
+from rcnn.evaluation.voc_eval import load_detections, read_voc_results
 from rcnn.families.rcnn.model import RegionClassifier, save_checkpoint
-from rcnn.params import EvaluateParams, Params
-from rcnn.proposals import proposal_file
+from rcnn.modeling.postprocess import postprocess_detections
+from rcnn.pipeline.evaluate_stage import run_evaluate_stage
+from rcnn.pipeline.family_registry import load_detector
+from rcnn.pipeline.params import EvaluateParams, Params
+from rcnn.proposals.selective_search import proposal_file
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 
@@ -220,10 +220,11 @@ def test_box_regressor_in_checkpoint_moves_boxes(tmp_path, synthetic_voc):
 
 def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
     """proposals -> regions -> features -> train -> evaluate on the synthetic set, small settings."""
-    from rcnn import proposals, regions
+    from rcnn.proposals import selective_search
+    from rcnn.families.rcnn import regions
     from rcnn.families.rcnn import features, training
-    from rcnn.evaluation import evaluate_detections
-    from rcnn.params import ModelParams, TrainParams
+    from rcnn.evaluation.voc_eval import evaluate_detections
+    from rcnn.pipeline.params import ModelParams, TrainParams
 
     p = Params(classes=CLASSES)
     p = dataclasses.replace(
@@ -233,7 +234,7 @@ def test_trained_pipeline_beats_random_scores(synthetic_voc, tmp_path):
         model=ModelParams(backbone="resnet18", weights="none", hidden=64),
         train=TrainParams(lr=1e-3, batch_size=32, epochs=12, patience=3, device="cpu"),
         evaluate=EvaluateParams(split="test", max_proposals=100))
-    proposals.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
+    selective_search.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "proposals.json")
     regions.run_regions_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "regions",
                               tmp_path / "regions.json", n_jobs=1)
     features.run_features_stage(p, tmp_path / "regions", tmp_path / "features")

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rcnn import download
-from rcnn.errors import RcnnError
-from rcnn.params import DataParams
-from rcnn.voc import read_split
+from rcnn.data import download
+from rcnn.data.voc import read_split
+from rcnn.pipeline.params import DataParams
+from rcnn.utils.errors import RcnnError
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINVAL = download.TRAINVAL_ARCHIVE

@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from rcnn import voc
-from rcnn.drawing import class_color, draw_detections, make_grid, run_render_stage, text_color, write_image
-from rcnn.errors import RcnnError
-from rcnn.evaluation import Detections, save_detections
-from rcnn.params import Params, RenderParams
+from rcnn.data import voc
+from rcnn.evaluation.drawing import class_color, draw_detections, make_grid, run_render_stage, text_color, write_image
+from rcnn.evaluation.voc_eval import Detections, save_detections
+from rcnn.pipeline.params import Params, RenderParams
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from rcnn.errors import RcnnError
-from rcnn.evaluation import (
+from rcnn.utils.errors import RcnnError
+from rcnn.evaluation.voc_eval import (
     Detections, average_precision, downsample_curve, evaluate_detections, load_detections,
     read_voc_results, results_file, save_detections, write_pr_curves, write_voc_results,
 )
-from rcnn.voc import Annotation
+from rcnn.data.voc import Annotation
 
 CLASSES = ["car", "dog"]
 

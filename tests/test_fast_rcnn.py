@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import voc
-from rcnn.detection import run_evaluate_stage
-from rcnn.detectors import family, load_detector, run_features_stage, run_regions_stage, run_train_stage
-from rcnn.errors import RcnnError
+from rcnn.data import voc
+from rcnn.engine.two_stage_batches import Example, load_example, training_plan
+from rcnn.engine.two_stage_trainer import steps_per_epoch
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
-from rcnn.roi_detector import RoIAlignPool, save_roi_detector
-from rcnn.roi_batches import Example, load_example, training_plan
-from rcnn.roi_training import steps_per_epoch
-from rcnn.params import Params, TrainParams, from_dict, to_dict
-from rcnn.proposals import run_proposals_stage
-from rcnn.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
-from rcnn.regions import read_index
+from rcnn.modeling.roi_heads import RoIAlignPool
+from rcnn.modeling.two_stage import save_roi_detector
+from rcnn.pipeline.evaluate_stage import run_evaluate_stage
+from rcnn.pipeline.family_registry import family, load_detector, run_features_stage, run_regions_stage, run_train_stage
+from rcnn.pipeline.params import Params, TrainParams, from_dict, to_dict
+from rcnn.proposals.labelling import read_index
+from rcnn.proposals.region_boxes import BOXES_FILE, ImageBoxes, load_boxes, save_boxes
+from rcnn.proposals.selective_search import run_proposals_stage
+from rcnn.utils.errors import RcnnError
 
 
 def tiny_model(**kw) -> FastRCNN:
@@ -189,7 +190,7 @@ def test_tampered_fast_rcnn_checkpoint_is_one_clear_error(tmp_path: Path):
 def test_factory_knows_each_arch_and_rejects_others():
     assert family("rcnn").region_format == "crops" and family("rcnn").features_stage.startswith("rcnn.families.rcnn.")
     assert family("fast_rcnn").region_format == "boxes" and family("fast_rcnn").features_stage.startswith(
-        "rcnn.feature_cache:")
+        "rcnn.pipeline.feature_cache:")
     with pytest.raises(RcnnError, match="model.arch = 'yolo' is unknown"):
         family("yolo")
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import voc
-from rcnn.checkpoints import read_checkpoint, state_payload, write_checkpoint
-from rcnn.detection import detect_image, run_evaluate_stage
-from rcnn.detectors import load_detector, run_proposals_stage, run_regions_stage, run_train_stage
-from rcnn.errors import ParamError, RcnnError
-from rcnn.params import Params, from_dict
-from rcnn.proposals import proposal_recall
-from rcnn.region_boxes import BOXES_FILE, load_boxes
+from rcnn.data import voc
+from rcnn.engine.checkpoints import read_checkpoint, state_payload, write_checkpoint
+from rcnn.pipeline.evaluate_stage import detect_image, run_evaluate_stage
+from rcnn.pipeline.family_registry import load_detector, run_proposals_stage, run_regions_stage, run_train_stage
+from rcnn.pipeline.params import Params, from_dict
+from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
+from rcnn.proposals.selective_search import proposal_recall
+from rcnn.utils.errors import ParamError, RcnnError
 
 CLASSES = ["car", "dog", "person"]
 

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import voc
-from rcnn.detectors import load_detector
-from rcnn.errors import ParamError
+from rcnn.data import voc
+from rcnn.engine.optim import backbone_rate, build_optimizer
+from rcnn.engine.two_stage_batches import Example, repeat_factors, training_order
+from rcnn.engine.two_stage_trainer import init_class_prior
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
-from rcnn.optim import backbone_rate, build_optimizer
-from rcnn.params import TrainParams, from_dict
-from rcnn.region_boxes import ImageBoxes
-from rcnn.roi_detector import save_roi_detector
-from rcnn.roi_batches import Example, repeat_factors, training_order
-from rcnn.roi_training import init_class_prior
+from rcnn.modeling.two_stage import save_roi_detector
+from rcnn.pipeline.family_registry import load_detector
+from rcnn.pipeline.params import TrainParams, from_dict
+from rcnn.proposals.region_boxes import ImageBoxes
+from rcnn.utils.errors import ParamError
 
 BUILDER = Path(__file__).resolve().parents[1] / "bench" / "few_photos.py"
 

@@ -12,25 +12,30 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import regions, voc
+from rcnn.proposals import labelling
+
+from rcnn.families.rcnn import regions
+
+from rcnn.data import voc
+from rcnn.evaluation.validation import labelled_split_ap
 from rcnn.families.rcnn import features, train_data, training
-from rcnn.boxes import box_iou
-from rcnn.crops import warp_crops
-from rcnn.detector import labelled_split_ap, postprocess_settings
-from rcnn.detectors import load_detector
+from rcnn.families.rcnn.crops import warp_crops
 from rcnn.families.rcnn.features import crop_features
 from rcnn.families.rcnn.finetune import ProposalSampler, jitter_boxes
 from rcnn.families.rcnn.hard_negatives import mine_hard_negatives, negative_pool
 from rcnn.families.rcnn.model import RegionClassifier
-from rcnn.params import EvaluateParams, ModelParams, Params, TrainParams
-from rcnn.region_boxes import load_boxes
 from rcnn.families.rcnn.svm import fit_svms, svm_scores
+from rcnn.modeling.postprocess import postprocess_settings
+from rcnn.pipeline.family_registry import load_detector
+from rcnn.pipeline.params import EvaluateParams, ModelParams, Params, TrainParams
+from rcnn.proposals.region_boxes import load_boxes
+from rcnn.utils.boxes import box_iou
 
 CLASSES = ["car", "dog", "person"]
 
 
 def _items(regions_dir: Path):
-    return load_boxes(regions_dir / regions.read_index(regions_dir)["labelled_boxes"]["train"])
+    return load_boxes(regions_dir / labelling.read_index(regions_dir)["labelled_boxes"]["train"])
 
 
 def _sampler(regions_dir: Path, **train_changes) -> ProposalSampler:
@@ -47,7 +52,7 @@ def _region_key(crop: torch.Tensor) -> str:
 
 def test_every_batch_has_the_requested_foreground_share_and_epochs_draw_afresh(regions_dir):
     sampler = _sampler(regions_dir)
-    index = regions.read_index(regions_dir)
+    index = labelling.read_index(regions_dir)
     stored_sample = index["splits"]["train"]["regions"]
     seen: set[str] = set()
     for epoch in (1, 2, 3):

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from rcnn import download, voc
-from rcnn.errors import RcnnError
-from rcnn.formats import coco, yolo
-from rcnn.params import DataParams
+from rcnn.data import download
+
+from rcnn.data import voc
+from rcnn.data.formats import coco, yolo
+from rcnn.pipeline.params import DataParams
 from rcnn.synthetic import generate
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 SPLITS = ["train", "val", "test"]
@@ -214,8 +216,8 @@ def test_the_download_stage_prints_one_error_line_and_exits_2(voc_copy: Path, tm
 
 
 def test_params_refuse_an_unknown_format():
-    from rcnn.errors import ParamError
-    from rcnn.params import from_dict
+    from rcnn.utils.errors import ParamError
+    from rcnn.pipeline.params import from_dict
     with pytest.raises(ParamError, match="data.format"):
         from_dict({"data": {"format": "csv"}})
     assert dataclasses.asdict(DataParams())["format"] == "auto"

@@ -10,11 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from rcnn.errors import RcnnError
-from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from rcnn.device import select_device
+from rcnn.engine.device import select_device
 from rcnn.families.rcnn.model import RegionClassifier, build_model, load_checkpoint, preprocess, save_checkpoint
-from rcnn.params import ModelParams, Params
+from rcnn.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from rcnn.pipeline.params import ModelParams, Params
+from rcnn.utils.errors import RcnnError
 
 
 @pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, lr_factor, patience_spent
-from rcnn.params import TrainParams
+from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch, lr_factor, patience_spent
+from rcnn.pipeline.params import TrainParams
 
 
 def test_warmup_then_cosine_reaches_zero_at_the_last_epoch():

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rcnn.errors import run_cli
+from rcnn.utils.errors import run_cli
 from conftest import shipped_params_text
-from rcnn.params import Params, from_dict, load_params, to_dict
+from rcnn.pipeline.params import Params, from_dict, load_params, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

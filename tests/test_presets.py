@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from rcnn import presets
-from rcnn.params import from_dict
+from rcnn.pipeline.params import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,10 +19,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rcnn import download, voc
-from rcnn.errors import RcnnError
-from rcnn.formats import coco, yolo
-from rcnn.params import from_dict
+from rcnn.data import archives
+
+from rcnn.data import voc
+from rcnn.data.formats import coco, yolo
+from rcnn.pipeline.params import from_dict
+from rcnn.utils.errors import RcnnError
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -131,7 +133,7 @@ def test_the_extractor_extracts_inside_its_target_or_says_why(names: list[str], 
                     zf.writestr(info, b"x")
         archive.write_bytes(buffer.getvalue())
         target = root / "deep" / "target"
-        _loads_or_says_why(lambda: download.safe_extract(archive, target))
+        _loads_or_says_why(lambda: archives.safe_extract(archive, target))
         outside = [p for p in root.rglob("*") if p != archive and target not in (p, *p.parents)
                    and p not in target.parents]
         assert not outside, outside

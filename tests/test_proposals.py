@@ -10,9 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from rcnn import proposals, voc
-from rcnn.errors import RcnnError
-from rcnn.params import Params
+from rcnn.proposals import selective_search
+
+from rcnn.data import voc
+from rcnn.pipeline.params import Params
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 
@@ -27,25 +29,25 @@ def small_params(**proposal_changes) -> Params:
 def test_filter_boxes_drops_small_and_repeated_boxes_keeping_rank_order():
     boxes = np.array([[5, 5, 24, 24], [0, 0, 5, 40], [0, 0, 40, 8], [5, 5, 24, 24], [1, 1, 30, 30],
                       [2, 2, 50, 50]], dtype=np.float32)
-    kept = proposals.filter_boxes(boxes, min_size=10, max_proposals=10)
+    kept = selective_search.filter_boxes(boxes, min_size=10, max_proposals=10)
     np.testing.assert_array_equal(kept, [[5, 5, 24, 24], [1, 1, 30, 30], [2, 2, 50, 50]])
-    np.testing.assert_array_equal(proposals.filter_boxes(boxes, 10, 2), [[5, 5, 24, 24], [1, 1, 30, 30]])
+    np.testing.assert_array_equal(selective_search.filter_boxes(boxes, 10, 2), [[5, 5, 24, 24], [1, 1, 30, 30]])
     # A box exactly min_size pixels wide (inclusive corners) stays.
-    assert len(proposals.filter_boxes(np.array([[0, 0, 9, 9]]), 10, 5)) == 1
+    assert len(selective_search.filter_boxes(np.array([[0, 0, 9, 9]]), 10, 5)) == 1
 
 
 def test_recall_is_one_when_ground_truth_boxes_are_proposed():
     gt = [np.array([[10, 10, 50, 60], [70, 5, 90, 40]], np.float32), np.zeros((0, 4), np.float32)]
     props = [np.concatenate([[[0, 0, 5, 5]], gt[0]]).astype(np.float32), np.array([[0, 0, 9, 9]], np.float32)]
-    assert proposals.proposal_recall(props, gt) == {"gt_boxes": 2, "recall_iou50": 1.0, "recall_iou70": 1.0}
+    assert selective_search.proposal_recall(props, gt) == {"gt_boxes": 2, "recall_iou50": 1.0, "recall_iou70": 1.0}
 
 
 def test_recall_counts_boxes_below_the_threshold_as_missed():
     gt = [np.array([[0, 0, 99, 99], [200, 200, 299, 299]], np.float32)]
     # IoU with the first box is 0.6: found at 0.5, missed at 0.7; the second box has no proposal near it.
     props = [np.array([[0, 0, 99, 59]], np.float32)]
-    assert proposals.proposal_recall(props, gt) == {"gt_boxes": 2, "recall_iou50": 0.5, "recall_iou70": 0.0}
-    assert proposals.proposal_recall([np.zeros((0, 4))], [np.zeros((0, 4))])["recall_iou50"] is None
+    assert selective_search.proposal_recall(props, gt) == {"gt_boxes": 2, "recall_iou50": 0.5, "recall_iou70": 0.0}
+    assert selective_search.proposal_recall([np.zeros((0, 4))], [np.zeros((0, 4))])["recall_iou50"] is None
 
 
 def test_max_side_maps_boxes_back_to_original_coordinates():
@@ -54,7 +56,7 @@ def test_max_side_maps_boxes_back_to_original_coordinates():
     image[30:170, 50:180] = (30, 200, 30)
     image[60:140, 250:380] = (200, 30, 30)
     image = (image + rng.integers(0, 20, image.shape)).astype(np.uint8)
-    boxes = proposals.selective_search(image, "fast", max_proposals=500, max_side=100, min_size=4)
+    boxes = selective_search.selective_search(image, "fast", max_proposals=500, max_side=100, min_size=4)
     assert boxes.dtype == np.float32 and len(boxes) > 0
     assert boxes[:, 0].min() >= 0 and boxes[:, 1].min() >= 0
     assert boxes[:, 2].max() <= 399 and boxes[:, 3].max() <= 199
@@ -66,14 +68,14 @@ def test_max_side_maps_boxes_back_to_original_coordinates():
 
 def test_ranking_does_not_depend_on_previously_processed_images(synthetic_voc):
     first, second = (voc.read_image(voc.image_path(synthetic_voc, i)) for i in voc.read_split(synthetic_voc, "val")[:2])
-    before = proposals.selective_search(first, max_side=128, seed=7)
-    proposals.selective_search(second, max_side=128, seed=3)
-    np.testing.assert_array_equal(proposals.selective_search(first, max_side=128, seed=7), before)
+    before = selective_search.selective_search(first, max_side=128, seed=7)
+    selective_search.selective_search(second, max_side=128, seed=3)
+    np.testing.assert_array_equal(selective_search.selective_search(first, max_side=128, seed=7), before)
 
 
 def test_results_identical_for_one_and_two_jobs(synthetic_voc):
     ids = voc.read_split(synthetic_voc, "train")[:6]
-    runs = [proposals.compute_proposals(synthetic_voc, ids, max_proposals=300, max_side=128, n_jobs=n)
+    runs = [selective_search.compute_proposals(synthetic_voc, ids, max_proposals=300, max_side=128, n_jobs=n)
             for n in (1, 2)]
     assert sorted(runs[0].boxes) == ids
     for image_id in ids:
@@ -82,7 +84,7 @@ def test_results_identical_for_one_and_two_jobs(synthetic_voc):
 
 def test_stage_writes_one_file_per_split_and_mode_with_metrics(synthetic_voc, tmp_path):
     p = small_params(eval_mode="fast")
-    metrics = proposals.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "m.json")
+    metrics = selective_search.run_proposals_stage(p, synthetic_voc, tmp_path / "proposals", tmp_path / "m.json")
     assert sorted(f.name for f in (tmp_path / "proposals").iterdir()) == ["test-fast.npz", "train-fast.npz",
                                                                           "val-fast.npz"]
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
@@ -91,7 +93,7 @@ def test_stage_writes_one_file_per_split_and_mode_with_metrics(synthetic_voc, tm
     assert metrics["skipped_images"] == 0 and metrics["n_jobs"] == 1
     assert 0.5 <= metrics["recall_iou50"] <= 1.0 and metrics["recall_iou70"] <= metrics["recall_iou50"]
     assert metrics["images_per_second"] > 0
-    loaded = proposals.load_proposals(proposals.proposal_file(tmp_path / "proposals", "val", "fast"))
+    loaded = selective_search.load_proposals(selective_search.proposal_file(tmp_path / "proposals", "val", "fast"))
     assert sorted(loaded) == voc.read_split(synthetic_voc, "val")
     for image_id, boxes in loaded.items():
         ann = voc.parse_annotation(voc.annotation_path(synthetic_voc, image_id), CLASSES)
@@ -108,10 +110,10 @@ def test_corrupt_image_is_skipped_warned_and_counted(synthetic_voc, tmp_path):
     p = dataclasses.replace(p, data=dataclasses.replace(p.data, train_split="val"),  # one split: val only
                             evaluate=dataclasses.replace(p.evaluate, split="val", allow_overlap=True))
     with pytest.warns(RuntimeWarning, match=f"skipping image {ids[1]}"):
-        metrics = proposals.run_proposals_stage(p, root, tmp_path / "out", tmp_path / "m.json")
+        metrics = selective_search.run_proposals_stage(p, root, tmp_path / "out", tmp_path / "m.json")
     assert metrics["skipped_images"] == 1 and metrics["skipped_ids"] == [f"val/{ids[1]}"]
     assert metrics["images"] == len(ids) - 1
-    loaded = proposals.load_proposals(proposals.proposal_file(tmp_path / "out", "val", "fast"))
+    loaded = selective_search.load_proposals(selective_search.proposal_file(tmp_path / "out", "val", "fast"))
     assert sorted(loaded) == [i for i in ids if i != ids[1]]
 
 
@@ -119,24 +121,24 @@ def test_proposal_jobs_computes_each_split_and_mode_once():
     p = Params(classes=CLASSES)
     p = dataclasses.replace(p, evaluate=dataclasses.replace(p.evaluate, split="test"),
                             proposals=dataclasses.replace(p.proposals, mode="fast", eval_mode="quality"))
-    assert proposals.proposal_jobs(p) == [("train", "fast"), ("val", "fast"), ("test", "quality")]
+    assert selective_search.proposal_jobs(p) == [("train", "fast"), ("val", "fast"), ("test", "quality")]
     p = dataclasses.replace(p, evaluate=dataclasses.replace(p.evaluate, split="val"),
                             proposals=dataclasses.replace(p.proposals, eval_mode="fast"))
-    assert proposals.proposal_jobs(p) == [("train", "fast"), ("val", "fast")]
+    assert selective_search.proposal_jobs(p) == [("train", "fast"), ("val", "fast")]
 
 
 def test_missing_or_corrupt_proposals_file_is_a_clear_error(tmp_path):
     with pytest.raises(RcnnError, match="run the proposals stage"):
-        proposals.load_proposals(tmp_path / "train-fast.npz")
+        selective_search.load_proposals(tmp_path / "train-fast.npz")
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(RcnnError, match="bad.npz"):
-        proposals.load_proposals(tmp_path / "bad.npz")
+        selective_search.load_proposals(tmp_path / "bad.npz")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed")
 def test_missing_parallel_backend_package_is_a_clear_error():
     with pytest.raises(RcnnError, match="proposals.backend = 'ray' needs ray"):
-        with proposals.parallel_backend("ray", 2):
+        with selective_search.parallel_backend("ray", 2):
             pass
 
 
@@ -147,12 +149,12 @@ def test_unknown_split_is_a_clear_error(synthetic_voc, tmp_path):
     shutil.copytree(synthetic_voc, root)
     (root / "ImageSets" / "Main" / "trainval.txt").unlink()
     with pytest.raises(RcnnError, match="trainval"):
-        proposals.run_proposals_stage(p, root, tmp_path / "out", tmp_path / "m.json")
+        selective_search.run_proposals_stage(p, root, tmp_path / "out", tmp_path / "m.json")
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
 
 
 def _stage_bytes(params: Params, voc_dir, out) -> dict[str, bytes]:
-    proposals.run_proposals_stage(params, voc_dir, out, out.parent / f"{out.name}.json")
+    selective_search.run_proposals_stage(params, voc_dir, out, out.parent / f"{out.name}.json")
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
@@ -171,14 +173,14 @@ def test_a_dask_cluster_gives_byte_identical_proposals_to_loky(synthetic_voc, tm
 
 
 def test_an_unreachable_dask_scheduler_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(proposals, "DASK_CONNECT_SECONDS", 1)
+    monkeypatch.setattr(selective_search, "DASK_CONNECT_SECONDS", 1)
     with pytest.raises(RcnnError, match="cannot reach the dask scheduler"):
-        with proposals.parallel_backend("dask", 2, "tcp://127.0.0.1:9"):
+        with selective_search.parallel_backend("dask", 2, "tcp://127.0.0.1:9"):
             pass
 
 
 def test_a_scheduler_without_the_dask_backend_is_an_invalid_param():
-    from rcnn.params import from_dict
+    from rcnn.pipeline.params import from_dict
 
     with pytest.raises(RcnnError, match="proposals.scheduler .* only used with proposals.backend = 'dask'"):
         from_dict({"proposals": {"scheduler": "tcp://127.0.0.1:8786"}})

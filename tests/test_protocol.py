@@ -11,15 +11,16 @@ import torch
 import yaml
 
 from conftest import shipped_params_text
-from rcnn import voc
+from rcnn.data import voc
+from rcnn.data.splits import check_evaluation_split
+from rcnn.evaluation.validation import labelled_split_ap
 from rcnn.families.rcnn import train_data, training
-from rcnn.detector import labelled_split_ap, postprocess_settings
-from rcnn.detectors import load_detector, run_regions_stage, run_train_stage
-from rcnn.errors import RcnnError
-from rcnn.params import Params, from_dict
-from rcnn.proposals import run_proposals_stage
-from rcnn.region_boxes import BOXES_FILE, load_boxes
-from rcnn.splits import check_evaluation_split
+from rcnn.modeling.postprocess import postprocess_settings
+from rcnn.pipeline.family_registry import load_detector, run_regions_stage, run_train_stage
+from rcnn.pipeline.params import Params, from_dict
+from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
+from rcnn.proposals.selective_search import run_proposals_stage
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 REPO = Path(__file__).resolve().parents[1]

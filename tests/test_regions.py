@@ -11,10 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rcnn import proposals, regions, voc
-from rcnn.errors import RcnnError
-from rcnn.fileio import load_pickle, write_pickle
-from rcnn.params import Params, RegionParams
+from rcnn.proposals import selective_search
+
+from rcnn.proposals import labelling
+
+from rcnn.families.rcnn import regions
+
+from rcnn.data import voc
+from rcnn.pipeline.params import Params, RegionParams
+from rcnn.utils.errors import RcnnError
+from rcnn.utils.fileio import load_pickle, write_pickle
 
 CLASSES = ["car", "dog", "person"]
 CAR, DOG = 1, 2
@@ -37,8 +43,8 @@ FAR = [0, 70, 20, 95]  # overlaps nothing
 
 
 def test_proposal_over_second_object_takes_its_class_and_box():
-    cand = regions.label_candidates(np.array([NEAR_DOG, FAR, HALF_DOG], np.float32), annotation(), settings())
-    np.testing.assert_array_equal(cand.labels, [DOG, 0, regions.IGNORE])
+    cand = labelling.label_candidates(np.array([NEAR_DOG, FAR, HALF_DOG], np.float32), annotation(), settings())
+    np.testing.assert_array_equal(cand.labels, [DOG, 0, labelling.IGNORE])
     np.testing.assert_array_equal(cand.gt_boxes[0], [60, 60, 89, 89])
     assert cand.ious[0] == pytest.approx(29 * 29 / 900) and cand.ious[1] == 0
     assert cand.ious[2] == pytest.approx(0.5)
@@ -48,35 +54,35 @@ def test_each_proposal_takes_the_class_of_its_best_overlap():
     ann = voc.Annotation(image_id="x", width=100, height=100,
                          boxes=np.array([[0, 0, 49, 49], [0, 0, 59, 49]], np.float32), labels=np.array([CAR, DOG]),
                          difficult=np.zeros(2, bool), truncated=np.zeros(2, bool))
-    cand = regions.label_candidates(np.array([[0, 0, 58, 49], [0, 0, 48, 49]], np.float32), ann, settings())
+    cand = labelling.label_candidates(np.array([[0, 0, 58, 49], [0, 0, 48, 49]], np.float32), ann, settings())
     np.testing.assert_array_equal(cand.labels, [DOG, CAR])
 
 
 def test_difficult_objects_are_never_background_and_foreground_only_when_allowed():
     props = np.array([NEAR_DOG, HALF_DOG], np.float32)
-    strict = regions.label_candidates(props, annotation(difficult=(False, True)), settings())
-    np.testing.assert_array_equal(strict.labels, [regions.IGNORE, regions.IGNORE])
-    allowed = regions.label_candidates(props, annotation(difficult=(False, True)),
+    strict = labelling.label_candidates(props, annotation(difficult=(False, True)), settings())
+    np.testing.assert_array_equal(strict.labels, [labelling.IGNORE, labelling.IGNORE])
+    allowed = labelling.label_candidates(props, annotation(difficult=(False, True)),
                                        settings(difficult_as_foreground=True))
-    np.testing.assert_array_equal(allowed.labels, [DOG, regions.IGNORE])
+    np.testing.assert_array_equal(allowed.labels, [DOG, labelling.IGNORE])
 
 
 def test_add_ground_truth_adds_the_boxes_as_foreground():
-    cand = regions.label_candidates(np.array([FAR], np.float32), annotation(), settings(add_ground_truth=True))
+    cand = labelling.label_candidates(np.array([FAR], np.float32), annotation(), settings(add_ground_truth=True))
     np.testing.assert_array_equal(cand.boxes[1:], annotation().boxes)
     np.testing.assert_array_equal(cand.labels, [0, CAR, DOG])
     np.testing.assert_allclose(cand.ious[1:], [1.0, 1.0])
-    without = regions.label_candidates(np.array([FAR], np.float32), annotation(), settings())
+    without = labelling.label_candidates(np.array([FAR], np.float32), annotation(), settings())
     assert len(without.labels) == 1
-    difficult = regions.label_candidates(np.array([FAR], np.float32), annotation(difficult=(False, True)),
+    difficult = labelling.label_candidates(np.array([FAR], np.float32), annotation(difficult=(False, True)),
                                          settings(add_ground_truth=True))
-    np.testing.assert_array_equal(difficult.labels, [0, CAR, regions.IGNORE])
+    np.testing.assert_array_equal(difficult.labels, [0, CAR, labelling.IGNORE])
 
 
 def test_image_without_objects_is_all_background():
     empty = voc.Annotation("e", 100, 100, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool),
                            np.zeros(0, bool))
-    cand = regions.label_candidates(np.array([FAR, NEAR_DOG], np.float32), empty, settings(add_ground_truth=True))
+    cand = labelling.label_candidates(np.array([FAR, NEAR_DOG], np.float32), empty, settings(add_ground_truth=True))
     np.testing.assert_array_equal(cand.labels, [0, 0])
     assert not cand.gt_boxes.any() and not cand.ious.any()
 
@@ -141,7 +147,7 @@ def stage_inputs(synthetic_voc, tmp_path_factory) -> tuple[Params, Path]:
                                                         fg_iou=0.6, bg_iou=0.3, add_ground_truth=True),
                             evaluate=dataclasses.replace(p.evaluate, split="val", allow_overlap=True))  # no test split needed
     out = tmp_path_factory.mktemp("stage") / "proposals"
-    proposals.run_proposals_stage(p, synthetic_voc, out, out.parent / "proposals.json")
+    selective_search.run_proposals_stage(p, synthetic_voc, out, out.parent / "proposals.json")
     return p, out
 
 
@@ -154,7 +160,7 @@ def test_stage_writes_shards_index_and_metrics(synthetic_voc, stage_inputs, tmp_
     p, props = stage_inputs
     metrics = regions.run_regions_stage(p, synthetic_voc, props, tmp_path / "regions", tmp_path / "m.json", n_jobs=1)
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
-    index = regions.read_index(tmp_path / "regions")
+    index = labelling.read_index(tmp_path / "regions")
     assert index["crop_size"] == 48 and index["context"] == 0 and index["classes"] == CLASSES
     assert sorted(index["splits"]) == ["train", "val"]
     for split in ("train", "val"):
@@ -190,11 +196,11 @@ def test_stage_output_does_not_depend_on_n_jobs(synthetic_voc, stage_inputs, tmp
 
 def test_image_without_proposals_is_skipped_with_a_warning(synthetic_voc, stage_inputs, tmp_path):
     p, props = stage_inputs
-    val = proposals.load_proposals(proposals.proposal_file(props, "val", "fast"))
+    val = selective_search.load_proposals(selective_search.proposal_file(props, "val", "fast"))
     dropped = sorted(val)[0]
     partial = tmp_path / "props"
     partial.mkdir()
-    np.savez_compressed(proposals.proposal_file(partial, "val", "fast"), **{k: v for k, v in val.items() if k != dropped})
+    np.savez_compressed(selective_search.proposal_file(partial, "val", "fast"), **{k: v for k, v in val.items() if k != dropped})
     p = dataclasses.replace(p, data=dataclasses.replace(p.data, train_split="val"))
     with pytest.warns(RuntimeWarning, match=f"skipping image {dropped}"):
         metrics = regions.run_regions_stage(p, synthetic_voc, partial, tmp_path / "r", tmp_path / "m.json", n_jobs=1)
@@ -208,7 +214,7 @@ def test_missing_inputs_are_clear_errors(synthetic_voc, stage_inputs, tmp_path):
         regions.run_regions_stage(p, synthetic_voc, tmp_path / "none", tmp_path / "r", tmp_path / "m.json", n_jobs=1)
     assert not (tmp_path / "r").exists()
     with pytest.raises(RcnnError, match="run the regions stage"):
-        regions.read_index(tmp_path / "r")
+        labelling.read_index(tmp_path / "r")
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "index.json").write_text(json.dumps({"crop_size": 8, "splits": {"train": {"shards": []}}}))
     with pytest.raises(RcnnError, match="'val' has no regions"):

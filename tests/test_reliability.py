@@ -19,17 +19,23 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import download, proposals, regions, voc
-from rcnn.families.rcnn import features
+from rcnn.data import archives, download
+
+from rcnn.proposals import selective_search
+
+from rcnn.proposals import labelling
+
+from rcnn.data import voc
 from rcnn.detect_cli import main as detect_main
-from rcnn.drawing import run_render_stage
-from rcnn.errors import ParamError, RcnnError
-from rcnn.evaluation import Detections, save_detections
-from rcnn.fileio import load_pickle
-from rcnn.backbones import build_backbone
-from rcnn.checkpoints import read_checkpoint, write_checkpoint
+from rcnn.engine.checkpoints import read_checkpoint, write_checkpoint
+from rcnn.evaluation.drawing import run_render_stage
+from rcnn.evaluation.voc_eval import Detections, save_detections
+from rcnn.families.rcnn import features
 from rcnn.families.rcnn.model import RegionClassifier, load_checkpoint, save_checkpoint
-from rcnn.params import DataParams, Params, load_params
+from rcnn.modeling.backbones import build_backbone
+from rcnn.pipeline.params import DataParams, Params, load_params
+from rcnn.utils.errors import ParamError, RcnnError
+from rcnn.utils.fileio import load_pickle
 
 CLASSES = ["car", "dog", "person"]
 
@@ -107,7 +113,7 @@ def test_3_truncated_npz_files_and_bad_contents_are_one_error(regions_dir, tmp_p
     np.savez(props, a=np.ones((5, 4), np.float32), b=np.ones((300, 4), np.float32))
     _truncate(props)
     with pytest.raises(RcnnError, match="p.npz is not a valid proposals file .*rerun the proposals stage"):
-        proposals.load_proposals(props)
+        selective_search.load_proposals(props)
     params = Params(classes=CLASSES, model=replace(Params().model, backbone="resnet18", weights="none"))
     features.run_features_stage(params, regions_dir, tmp_path / "f")
     good = features.load_features(tmp_path / "f", "train", num_classes=4)
@@ -121,7 +127,7 @@ def test_3_truncated_npz_files_and_bad_contents_are_one_error(regions_dir, tmp_p
     bad_index.mkdir()
     (bad_index / "index.json").write_text("[]")
     with pytest.raises(RcnnError, match="is not a regions index"):
-        regions.read_index(bad_index)
+        labelling.read_index(bad_index)
 
 
 # 4 ------------------------------------------------------------------------------------------------
@@ -153,7 +159,7 @@ def test_4_a_truncated_gzip_stream_is_refused(tmp_path):
     archive = tmp_path / "x.tar.gz"
     archive.write_bytes(gzip.compress(b"\0" * 100_000)[:-20])
     with pytest.raises(RcnnError, match="corrupt or truncated"):
-        download.verify_archive(archive)
+        archives.verify_archive(archive)
 
 
 # 5 ------------------------------------------------------------------------------------------------
@@ -169,7 +175,7 @@ def test_5_a_truncated_jpeg_is_skipped_and_counted_not_used(synthetic_voc, tmp_p
     params = Params(classes=CLASSES)
     params = replace(params, proposals=replace(params.proposals, max_side=96, n_jobs=1))
     with pytest.warns(RuntimeWarning, match=image_id):
-        metrics = proposals.run_proposals_stage(params, tmp_path / "voc", tmp_path / "p", tmp_path / "p.json")
+        metrics = selective_search.run_proposals_stage(params, tmp_path / "voc", tmp_path / "p", tmp_path / "p.json")
     assert metrics["files"]["val-fast"]["skipped_ids"] == [image_id]
     # A complete JPEG padded with zero bytes to a block size (as one kangaroo photo is) is fine.
     padded = voc.image_path(root, voc.read_split(root, "val")[1])
@@ -220,7 +226,7 @@ def test_8_detect_cli_rejects_a_useless_max_side_and_a_file_as_out_folder(checkp
 def test_9_full_size_search_of_a_huge_photo_is_refused_at_once():
     huge = np.zeros((2000, 3000, 3), np.uint8)
     with pytest.raises(RcnnError, match="3000x2000 image .*set proposals.max_side"):
-        proposals.selective_search(huge, max_side=None)
+        selective_search.selective_search(huge, max_side=None)
 
 
 # 10 -----------------------------------------------------------------------------------------------
@@ -285,7 +291,7 @@ def test_proposals_with_non_finite_boxes_are_refused(tmp_path):
     path = tmp_path / "val-fast.npz"
     np.savez(path, a=np.array([[0, 0, np.nan, 5]], np.float32))
     with pytest.raises(RcnnError, match="non-finite boxes for a"):
-        proposals.load_proposals(path)
+        selective_search.load_proposals(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x1f\x8b" + b"\0" * 30])

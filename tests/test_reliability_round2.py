@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import proposals
-from rcnn.detectors import load_detector
-from rcnn.errors import ParamError, RcnnError
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
-from rcnn.roi_detector import pad_to_resizable, save_roi_detector
-from rcnn.params import Params, from_dict
-from rcnn.region_boxes import BOXES_FILE, load_boxes
+from rcnn.modeling.image_input import pad_to_resizable
+from rcnn.modeling.two_stage import save_roi_detector
+from rcnn.pipeline.family_registry import load_detector
+from rcnn.pipeline.params import Params, from_dict
+from rcnn.proposals import selective_search
+from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
+from rcnn.utils.errors import ParamError, RcnnError
 
 CLASSES = ["car", "dog", "person"]
 
@@ -67,7 +68,7 @@ def test_4_edited_fast_rcnn_checkpoint_config_is_one_error(tmp_path: Path, field
 
 def test_5_the_multiprocessing_backend_gives_the_same_proposals_as_loky(synthetic_voc, tmp_path):
     ids = sorted(p.name[:-4] for p in (synthetic_voc / "JPEGImages").iterdir())[:3]
-    runs = {backend: proposals.compute_proposals(synthetic_voc, ids, max_proposals=50, max_side=96, n_jobs=2,
+    runs = {backend: selective_search.compute_proposals(synthetic_voc, ids, max_proposals=50, max_side=96, n_jobs=2,
                                                  backend=backend) for backend in ("loky", "multiprocessing")}
     assert sorted(runs["multiprocessing"].boxes) == ids
     for image_id in ids:
@@ -91,7 +92,7 @@ def test_6_tls_and_ucx_addresses_are_one_error(monkeypatch, address, failure):
 
     monkeypatch.setattr(dask.distributed, "Client", client)
     with pytest.raises(RcnnError, match=f"proposals.scheduler = '{address}': cannot reach the dask scheduler"):
-        with proposals.parallel_backend("dask", 2, address):
+        with selective_search.parallel_backend("dask", 2, address):
             pass
 
 
@@ -146,7 +147,7 @@ def test_7_the_regions_stages_own_file_loads(regions_dir):
 def test_8_an_interrupted_train_stage_leaves_the_previous_curves_model_and_metrics(regions_dir, features_dir,
                                                                                 tmp_path, monkeypatch):
     from rcnn.families.rcnn import training
-    from rcnn.params import ModelParams, TrainParams
+    from rcnn.pipeline.params import ModelParams, TrainParams
 
     params = Params(classes=CLASSES, model=ModelParams(backbone="resnet18", weights="none", hidden=16),
                     train=TrainParams(lr=1e-3, batch_size=32, epochs=3, patience=3, device="cpu",
@@ -180,8 +181,8 @@ def test_8_an_interrupted_train_stage_leaves_the_previous_curves_model_and_metri
 def test_minor_a_max_side_too_large_to_shrink_anything_is_refused_like_null():
     huge = np.zeros((4000, 6000, 3), np.uint8)
     with pytest.raises(RcnnError, match="6000x4000 image searched at 6000x4000 .*max_side = 100000.*set proposals"):
-        proposals.selective_search(huge, max_side=100000)
-    assert len(proposals.selective_search(np.zeros((400, 600, 3), np.uint8), max_side=100000)) >= 0
+        selective_search.selective_search(huge, max_side=100000)
+    assert len(selective_search.selective_search(np.zeros((400, 600, 3), np.uint8), max_side=100000)) >= 0
 
 
 def test_minor_list_messages_read_as_english():
@@ -193,7 +194,7 @@ def test_minor_a_closed_pipe_ends_quietly():
     import subprocess
     import sys
 
-    code = "from rcnn.errors import run_cli\nrun_cli(lambda: [print('car 0.9 1 2 3 4') for _ in range(200000)])"
+    code = "from rcnn.utils.errors import run_cli\nrun_cli(lambda: [print('car 0.9 1 2 3 4') for _ in range(200000)])"
     reader = "import sys; sys.stdin.readline()"
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     subprocess.run([sys.executable, "-c", reader], stdin=writer.stdout, check=True)
@@ -238,11 +239,11 @@ def test_minor_presets_or_params_of_two_families_are_refused():
 def test_minor_every_object_difficult_gives_null_map_and_a_warning_not_nan(tmp_path):
     import json
 
-    from rcnn.bootstrap import map_intervals
-    from rcnn.detector import warn_if_unscorable
-    from rcnn.evaluation import Detections, evaluate_detections, write_metrics
-    from rcnn.region_boxes import ImageBoxes
-    from rcnn.voc import Annotation
+    from rcnn.evaluation.bootstrap import map_intervals
+    from rcnn.evaluation.validation import warn_if_unscorable
+    from rcnn.evaluation.voc_eval import Detections, evaluate_detections, write_metrics
+    from rcnn.proposals.region_boxes import ImageBoxes
+    from rcnn.data.voc import Annotation
 
     box = np.array([[5, 5, 40, 40]], np.float32)
     annotations = [Annotation(f"im{k}", 64, 64, box, np.array([1]), np.array([True]), np.array([False]))
@@ -266,7 +267,7 @@ def test_minor_every_object_difficult_gives_null_map_and_a_warning_not_nan(tmp_p
 def test_minor_complete_images_with_trailing_bytes_are_read_and_cut_ones_are_not(tmp_path, ext):
     import cv2
 
-    from rcnn import voc
+    from rcnn.data import voc
 
     rng = np.random.default_rng(0)
     image = (rng.random((120, 160, 3)) * 255).astype(np.uint8)

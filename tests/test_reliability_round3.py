@@ -24,18 +24,20 @@ import pytest
 import torch
 from PIL import Image
 
-from rcnn import download, voc
-from rcnn.bootstrap import map_intervals
-from rcnn.checkpoints import read_checkpoint, write_checkpoint
+from rcnn.data import archives, download
+
+from rcnn.data import voc
+from rcnn.data.formats import coco
 from rcnn.detect_cli import main as detect_main
-from rcnn.detectors import load_detector
-from rcnn.errors import ParamError, RcnnError, run_cli
-from rcnn.evaluation import Detections, evaluate_detections
+from rcnn.engine.checkpoints import read_checkpoint, write_checkpoint
+from rcnn.engine.resume import ResumePoint, resume_key
+from rcnn.evaluation.bootstrap import map_intervals
+from rcnn.evaluation.voc_eval import Detections, evaluate_detections
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
-from rcnn.fileio import write_bytes
-from rcnn.formats import coco
-from rcnn.params import DataParams, from_dict
-from rcnn.resume import ResumePoint, resume_key
+from rcnn.pipeline.family_registry import load_detector
+from rcnn.pipeline.params import DataParams, from_dict
+from rcnn.utils.errors import ParamError, RcnnError, run_cli
+from rcnn.utils.fileio import write_bytes
 
 CLASSES = ["car", "dog", "person"]
 SPLITS = ["train", "val", "test"]
@@ -342,11 +344,11 @@ def test_m2_an_archive_expanding_beyond_the_limits_is_refused_before_extraction(
 
     archive = _zip_of(sources, tmp_path / "bomb.zip", padding)
     with pytest.raises(RcnnError, match="above the data.max_extract_bytes limit of 0.0 GiB; refusing"):
-        download.safe_extract(archive, tmp_path / "out", max_bytes=1 << 20)
+        archives.safe_extract(archive, tmp_path / "out", max_bytes=1 << 20)
     with pytest.raises(RcnnError, match="above the data.max_extract_files limit of 3"):
-        download.safe_extract(archive, tmp_path / "out", max_files=3)
+        archives.safe_extract(archive, tmp_path / "out", max_files=3)
     assert not any((tmp_path / "out").iterdir())
-    download.safe_extract(archive, tmp_path / "fits")  # the defaults let it through
+    archives.safe_extract(archive, tmp_path / "fits")  # the defaults let it through
     with pytest.raises(ParamError, match="data.max_extract_bytes = 0"):
         from_dict({"data": {"max_extract_bytes": 0}})
 
@@ -357,19 +359,19 @@ def test_m2_a_bomb_within_the_byte_limit_is_refused_by_its_ratio_without_inflati
         archive.writestr(zipfile.ZipInfo("padding.bin"), bytes(32 << 20), compress_type=zipfile.ZIP_DEFLATED)
 
     archive = _zip_of(sources, tmp_path / "bomb.zip", padding)
-    monkeypatch.setattr(download, "BOMB_MIN_BYTES", 1 << 20)  # the shipped floor is 64 MiB: too big for a test
-    monkeypatch.setattr(download, "verify_archive", lambda path: pytest.fail("the bomb was inflated to verify it"))
+    monkeypatch.setattr(archives, "BOMB_MIN_BYTES", 1 << 20)  # the shipped floor is 64 MiB: too big for a test
+    monkeypatch.setattr(archives, "verify_archive", lambda path: pytest.fail("the bomb was inflated to verify it"))
     with pytest.raises(RcnnError, match=r"bomb.zip: .* MiB that expand to 0.0 GiB \(ratio [\d,]+:1; .*zip bomb"):
-        download.safe_extract(archive, tmp_path / "out")
+        archives.safe_extract(archive, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())
 
 
 def test_m2_an_archive_larger_than_the_free_space_is_refused(sources: Path, tmp_path: Path, monkeypatch):
     archive = _zip_of(sources, tmp_path / "plain.zip", lambda archive: None)
     usage = download.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.raises(RcnnError, match=r"plain.zip: expands to .* GiB free; free space and rerun"):
-        download.safe_extract(archive, tmp_path / "out")
+        archives.safe_extract(archive, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())
 
 
@@ -463,7 +465,7 @@ def _kill_parent_of_stage(tmp_path: Path, child_code: str, started: str, stderr:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_m15_a_stage_stops_when_its_parent_is_killed(tmp_path: Path):
-    child_code = ("import time; from pathlib import Path; from rcnn.errors import run_cli\n"
+    child_code = ("import time; from pathlib import Path; from rcnn.utils.errors import run_cli\n"
                   "def work():\n"
                   "    while True:\n"
                   f"        Path({str(tmp_path / 'beat')!r}).write_text(str(time.time())); time.sleep(0.1)\n"
@@ -478,7 +480,7 @@ def test_m15_a_stage_whose_parent_died_while_it_imported_does_no_work(tmp_path: 
     child_code = ("import os, time; from pathlib import Path; import rcnn\n"
                   f"Path({str(tmp_path / 'ready')!r}).write_text('')\n"
                   "while os.getppid() == rcnn.PARENT_AT_START: time.sleep(0.05)\n"
-                  "from rcnn.errors import run_cli\n"
+                  "from rcnn.utils.errors import run_cli\n"
                   f"run_cli(lambda: Path({str(tmp_path / 'worked')!r}).write_text(''))\n")
     _kill_parent_of_stage(tmp_path, child_code, "ready", stderr=f"open({str(tmp_path / 'stderr')!r}, 'w')")
     assert not (tmp_path / "worked").exists()

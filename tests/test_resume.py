@@ -10,11 +10,13 @@ import pytest
 import torch
 import yaml
 
-from rcnn import resume, roi_training
+from rcnn.engine import resume
+
+from rcnn.engine import two_stage_trainer
 from rcnn.families.rcnn import train_data, training
-from rcnn.detectors import run_regions_stage, run_train_stage
-from rcnn.params import Params, from_dict
-from rcnn.proposals import run_proposals_stage
+from rcnn.pipeline.family_registry import run_regions_stage, run_train_stage
+from rcnn.pipeline.params import Params, from_dict
+from rcnn.proposals.selective_search import run_proposals_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "seconds_per_epoch", "steps_per_second", "resumed_from_epoch")
@@ -80,7 +82,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     assert plain["resumed_from_epoch"] is None and not (tmp_path / "resume").exists()  # cleared after success
 
     # Interrupted in epoch 2's validation: epoch 1 was saved; nothing of the stage's outputs is written.
-    _interrupt_at(monkeypatch, roi_training, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, two_stage_trainer, "validation_ap", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").rglob("*.pt"))
@@ -92,7 +94,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")
 
     # Another learning rate: a new key, so the saved epoch of the old one is never used (and is deleted).
-    _interrupt_at(monkeypatch, roi_training, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, two_stage_trainer, "validation_ap", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "lr")
     monkeypatch.undo()
@@ -105,7 +107,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
 
 
 def test_a_killed_fine_tuning_resumes_to_the_same_bytes(regions_dir, tmp_path, monkeypatch):
-    from rcnn.params import EvaluateParams, ModelParams, TrainParams
+    from rcnn.pipeline.params import EvaluateParams, ModelParams, TrainParams
 
     # validation AP on 50 proposals an image, not 300, and no hard negatives: the resume is tested, not the AP
     params = Params(classes=["car", "dog", "person"], evaluate=EvaluateParams(max_proposals=50),
@@ -152,7 +154,7 @@ def test_the_key_covers_the_params_the_train_stage_declares():
 
 def test_a_killed_frozen_head_training_resumes_to_the_same_bytes_saving_only_the_head(regions_dir, features_dir,
                                                                                     tmp_path, monkeypatch):
-    from rcnn.params import EvaluateParams, ModelParams, TrainParams
+    from rcnn.pipeline.params import EvaluateParams, ModelParams, TrainParams
 
     # validation AP on 50 proposals an image, not 300, and no hard negatives: the resume is tested, not the AP
     params = Params(classes=["car", "dog", "person"], evaluate=EvaluateParams(max_proposals=50), model=ModelParams(backbone="resnet18", weights="none", hidden=64),

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import voc
-from rcnn.detectors import run_regions_stage, run_train_stage
-from rcnn.errors import ParamError, RcnnError
-from rcnn.params import Params, from_dict
-from rcnn.region_boxes import BOXES_FILE, load_boxes
-from rcnn.roi_batches import BatchLoader, in_order_plan, loader_workers, training_examples, training_plan
-from rcnn.roi_training import DIVERGENCE_CHECK_STEPS, _Meter, train_epoch
+from rcnn.data import voc
+from rcnn.engine.two_stage_batches import BatchLoader, in_order_plan, loader_workers, training_examples, training_plan
+from rcnn.engine.two_stage_trainer import DIVERGENCE_CHECK_STEPS, _Meter, train_epoch
+from rcnn.pipeline.family_registry import run_regions_stage, run_train_stage
+from rcnn.pipeline.params import Params, from_dict
+from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
+from rcnn.utils.errors import ParamError, RcnnError
 
 TIMING = ("seconds", "seconds_per_epoch", "steps_per_second", "validation_seconds", "workers")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcnn.device import accelerator_rng_state, restore_accelerator_rng_state, seeded_rng
+from rcnn.engine.device import accelerator_rng_state, restore_accelerator_rng_state, seeded_rng
 
 ACCELERATOR = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from rcnn.errors import RcnnError
+from rcnn.data.voc import class_counts, load_split, read_split
 from rcnn.synthetic import DEFAULT_CLASSES, generate
-from rcnn.voc import class_counts, load_split, read_split
+from rcnn.utils.errors import RcnnError
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

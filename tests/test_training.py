@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn import regions
 from rcnn.families.rcnn import features, training
-from rcnn.errors import RcnnError
+from rcnn.families.rcnn import regions
 from rcnn.families.rcnn.model import build_model, load_checkpoint, preprocess
-from rcnn.params import ModelParams, Params, TrainParams
+from rcnn.pipeline.params import ModelParams, Params, TrainParams
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 

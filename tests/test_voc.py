@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from rcnn.errors import RcnnError
-from rcnn.params import VOC_CLASSES
-from rcnn.voc import find_voc_root, parse_annotation, read_image, read_split
+from rcnn.data.voc import find_voc_root, parse_annotation, read_image, read_split
+from rcnn.pipeline.params import VOC_CLASSES
+from rcnn.utils.errors import RcnnError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "voc_xml"
 LABEL = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}

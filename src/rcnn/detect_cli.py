@@ -22,14 +22,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from rcnn import voc
-from rcnn.detection import detect_image
-from rcnn.detector import Detector
-from rcnn.detectors import load_detector
-from rcnn.drawing import draw_detections, write_image
-from rcnn.errors import CliParser, RcnnError, run_cli
-from rcnn.evaluation import Detections
-from rcnn.fileio import write_json
+from rcnn.data import voc
+from rcnn.evaluation.drawing import draw_detections, write_image
+from rcnn.evaluation.voc_eval import Detections
+from rcnn.modeling.detector_interface import Detector
+from rcnn.pipeline.evaluate_stage import detect_image
+from rcnn.pipeline.family_registry import load_detector
+from rcnn.utils.errors import CliParser, RcnnError, run_cli
+from rcnn.utils.fileio import write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")

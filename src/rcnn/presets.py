@@ -14,8 +14,8 @@ from typing import Sequence
 
 import yaml
 
-from rcnn.errors import CliParser, RcnnError, run_cli
-from rcnn.params import set_dotted
+from rcnn.pipeline.params import set_dotted
+from rcnn.utils.errors import CliParser, RcnnError, run_cli
 
 # Every recipe here was chosen with ImageNet features: with model.weights=none the stages stop at once, naming the
 # weights to give, instead of training for minutes towards a collapse (issue 40).

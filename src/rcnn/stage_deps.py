@@ -2,7 +2,7 @@
 
 A stage script's ``rcnn`` imports are followed module by module (imports inside functions too:
 they run when the stage calls them). The detector families are imported by name through
-:mod:`rcnn.detectors`; a stage depends on the family functions of the kind it calls (the
+:mod:`rcnn.pipeline.family_registry`; a stage depends on the family functions of the kind it calls (the
 proposals stage on every family's proposals function, not on their trainers), so changing a
 trainer never reruns selective search. Package ``__init__`` files hold docstrings only and are
 left out.
@@ -20,11 +20,11 @@ from typing import Sequence
 
 import yaml
 
-from rcnn.detectors import FAMILIES
+from rcnn.pipeline.family_registry import FAMILIES
 
-# The Family fields whose functions each stage script calls through rcnn.detectors.
+# The Family fields whose functions each stage script calls through rcnn.pipeline.family_registry.
 STAGE_FAMILY_FIELDS = {"proposals": ("proposals_stage",), "regions": ("regions_stage",), "features": ("features_stage",),
-                       "train": ("train_stage",), "evaluate": ("detector",)}
+                       "train": ("train_stage", "model"), "evaluate": ("detector",)}
 
 
 def _module_file(name: str, src: Path) -> Path | None:
@@ -52,8 +52,8 @@ def _imported(path: Path, src: Path) -> set[str]:
 
 def stage_modules(script: Path, src: Path, family_fields: Sequence[str] = ()) -> set[Path]:
     """Every ``rcnn`` module file under ``src`` the stage ``script`` runs (``__init__`` files left out)."""
-    roots = _imported(script, src) | {FAMILIES[arch].__dict__[f].partition(":")[0] for arch in FAMILIES
-                                 for f in family_fields}
+    refs = {getattr(FAMILIES[arch], f) for arch in FAMILIES for f in family_fields}
+    roots = _imported(script, src) | {ref.partition(":")[0] for ref in refs if ref}
     seen: set[str] = set()
     todo = sorted(roots)
     while todo:

@@ -15,9 +15,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from rcnn import voc
-from rcnn.errors import CliParser, RcnnError, run_cli
-from rcnn.fileio import atomic_path, write_bytes
+from rcnn.data import voc
+from rcnn.utils.errors import CliParser, RcnnError, run_cli
+from rcnn.utils.fileio import atomic_path, write_bytes
 
 DEFAULT_CLASSES = ("car", "dog", "person")
 # One (BGR colour, shape) style per class index; classes beyond the list reuse shapes with new colours.

@@ -1,4 +1,4 @@
-"""Fast R-CNN (Girshick, ICCV 2015): the shared two-stage detector (:mod:`rcnn.roi_detector`) scoring the
+"""Fast R-CNN (Girshick, ICCV 2015): the shared two-stage detector (:mod:`rcnn.modeling.two_stage`) scoring the
 pipeline's selective-search proposals."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torchvision.models.detection.image_list import ImageList
 
-from rcnn.params import Params
-from rcnn.roi_detector import RoIDetection, RoIDetector, detector_kwargs, seeded
+from rcnn.modeling.two_stage import RoIDetection, RoIDetector, detector_kwargs, seeded
+from rcnn.pipeline.params import Params
 
 
 class FastRCNN(RoIDetector):

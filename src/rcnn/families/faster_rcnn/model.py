@@ -1,4 +1,4 @@
-"""Faster R-CNN (Ren et al., NeurIPS 2015): the shared two-stage detector (:mod:`rcnn.roi_detector`) with a
+"""Faster R-CNN (Ren et al., NeurIPS 2015): the shared two-stage detector (:mod:`rcnn.modeling.two_stage`) with a
 region proposal network on its own feature map in place of selective search, trained jointly.
 
 torchvision's ``RegionProposalNetwork``, ``AnchorGenerator`` and ``RPNHead`` do the work, on the same
@@ -19,17 +19,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from rcnn.checkpoints import is_int_in
-from rcnn.params import Params
-from rcnn.roi_detector import CONFIG_KEYS, RoIDetection, RoIDetector, check_config, detector_kwargs, seeded
+from rcnn.engine.checkpoints import is_int_in
+from rcnn.modeling.two_stage import CONFIG_KEYS, RoIDetection, RoIDetector, check_config, detector_kwargs, seeded
+from rcnn.pipeline.param_checks import allowed
+from rcnn.pipeline.params import ModelParams, Params
 
 RPN_KEYS = ("rpn_anchor_sizes", "rpn_aspect_ratios", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
             "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "rpn_nms_iou", "rpn_fg_iou", "rpn_bg_iou",
             "rpn_batch_size", "rpn_fg_fraction")
-
-
-def _fraction(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
 class FasterRCNN(RoIDetector):
@@ -72,12 +69,9 @@ class FasterRCNN(RoIDetector):
             and all(is_int_in(s, 1, 4096) for s in sizes),
             "rpn_aspect_ratios": isinstance(ratios, (list, tuple)) and bool(ratios)
             and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 100 for r in ratios),
-            **{key: is_int_in(config[key], 1, 100_000) for key in RPN_KEYS if "top_n" in key},
-            "rpn_nms_iou": _fraction(config["rpn_nms_iou"]), "rpn_fg_iou": _fraction(config["rpn_fg_iou"]),
-            "rpn_bg_iou": _fraction(config["rpn_bg_iou"]) and config["rpn_bg_iou"] <= config["rpn_fg_iou"],
-            "rpn_batch_size": is_int_in(config["rpn_batch_size"], 1, 100_000),
-            "rpn_fg_fraction": _fraction(config["rpn_fg_fraction"]),
+            **{key: allowed(ModelParams, key, config[key]) for key in RPN_KEYS[2:]},
         }
+        checks["rpn_bg_iou"] = checks["rpn_bg_iou"] and config["rpn_bg_iou"] <= config["rpn_fg_iou"]
         bad = next((name for name, ok in checks.items() if not ok), None)
         if bad is not None:
             raise ValueError(f"config {bad} = {config[bad]!r} is invalid")

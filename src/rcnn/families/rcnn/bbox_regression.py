@@ -1,7 +1,7 @@
 """Class-specific bounding-box regression (R-CNN, appendix C).
 
 For each object class a ridge regressor maps a proposal's backbone features to the offsets
-``(tx, ty, tw, th)`` (see :func:`rcnn.boxes.encode_boxes`) that move it onto its matched
+``(tx, ty, tw, th)`` (see :func:`rcnn.utils.boxes.encode_boxes`) that move it onto its matched
 ground-truth box. It learns only from proposals that already overlap their box well
 (IoU >= ``min_iou``, 0.6 in the paper): far-off proposals make the problem hopeless.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rcnn.boxes import decode_boxes, encode_boxes
+from rcnn.utils.boxes import decode_boxes, encode_boxes
 
 
 def fit_box_regressor(features: np.ndarray, labels: np.ndarray, boxes: np.ndarray, gt_boxes: np.ndarray,

@@ -1,7 +1,7 @@
 """R-CNN detection: proposals -> warped crops -> CNN class scores (softmax or SVMs) -> per-class boxes.
 
 When the checkpoint carries a bounding-box regressor, each candidate uses its class's refined box
-(:meth:`RCNNDetector.class_boxes`); post-processing is the shared :func:`rcnn.detector.postprocess_detections`.
+(:meth:`RCNNDetector.class_boxes`); post-processing is the shared :func:`rcnn.modeling.detector_interface.postprocess_detections`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import cv2
 import numpy as np
 import torch
 
-from rcnn.boxes import clip_boxes
-from rcnn.crops import warp_crops
-from rcnn.detector import Detector, postprocess_detections
-from rcnn.evaluation import Detections
+from rcnn.evaluation.voc_eval import Detections
 from rcnn.families.rcnn.bbox_regression import refine_boxes
+from rcnn.families.rcnn.crops import warp_crops
 from rcnn.families.rcnn.features import crop_features
 from rcnn.families.rcnn.model import load_checkpoint
 from rcnn.families.rcnn.svm import svm_scores
+from rcnn.modeling.detector_interface import Detector
+from rcnn.modeling.postprocess import postprocess_detections
+from rcnn.utils.boxes import clip_boxes
 
 
 @dataclass
@@ -31,7 +32,7 @@ class RCNNDetector(Detector):
 
     @classmethod
     def from_payload(cls, payload: dict, path: str | Path, device: torch.device, **settings: float) -> "RCNNDetector":
-        """The detector of an R-CNN checkpoint payload (see :func:`rcnn.detectors.load_detector`)."""
+        """The detector of an R-CNN checkpoint payload (see :func:`rcnn.pipeline.family_registry.load_detector`)."""
         model, meta = load_checkpoint(path, device, payload)
         return cls(model, meta, device, **settings)
 

@@ -16,13 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rcnn import regions
-from rcnn.errors import RcnnError
-from rcnn.feature_cache import write_feature_cache
-from rcnn.fileio import load_npz, read_json
-from rcnn.device import inference_autocast, inference_dtype, select_device, use_channels_last
+from rcnn.proposals import labelling
+
+from rcnn.engine.device import inference_autocast, inference_dtype, select_device, use_channels_last
+from rcnn.families.rcnn import regions
 from rcnn.families.rcnn.model import RegionClassifier, build_model, preprocess
-from rcnn.params import Params
+from rcnn.pipeline.feature_cache import write_feature_cache
+from rcnn.pipeline.params import Params
+from rcnn.utils.errors import RcnnError
+from rcnn.utils.fileio import load_npz, read_json
 
 # Per-region arrays carried over from the region shards, in region order.
 REGION_KEYS = ("labels", "boxes", "gt_boxes", "ious", "image_ids")
@@ -42,7 +44,7 @@ def split_features(model: RegionClassifier, regions_dir: str | Path, split: str,
                    batch_size: int, min_iou: float | None = None) -> dict[str, np.ndarray]:
     """Features plus the per-region arrays of every region of ``split``, in region order; with ``min_iou``
     only of the foreground regions overlapping their object by at least that much (box regression's rows)."""
-    index = regions.read_index(regions_dir)
+    index = labelling.read_index(regions_dir)
     total = index.get("splits", {}).get(split, {}).get("regions")
     parts: dict[str, list[np.ndarray]] = {key: [] for key in ("features", *REGION_KEYS)}
     with tqdm(total=total, desc=f"features {split}", unit="region", leave=min_iou is None) as bar:
@@ -79,7 +81,7 @@ def run_features_stage(params: Params, regions_dir: str | Path = "data/regions",
         info.update(cached=False, reason=f"model.trainable_layers = {m.trainable_layers}: the backbone is "
                     "fine-tuned, so its features change during training and the train stage reads crops instead")
         return write_feature_cache(out_dir, {}, info, {}, metrics_path)
-    index = regions.read_index(regions_dir)
+    index = labelling.read_index(regions_dir)
     device = select_device(params.train.device)
     model = build_model(params).to(device).eval()
     arrays, counts = {}, {}

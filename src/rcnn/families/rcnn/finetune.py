@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 import torch
 
-from rcnn import voc
-from rcnn.boxes import box_iou
-from rcnn.crops import warp_crops
-from rcnn.params import RegionParams, TrainParams
-from rcnn.region_boxes import ImageBoxes
+from rcnn.data import voc
+from rcnn.families.rcnn.crops import warp_crops
+from rcnn.pipeline.params import RegionParams, TrainParams
+from rcnn.proposals.region_boxes import ImageBoxes
+from rcnn.utils.boxes import box_iou
 
 CHUNK_IMAGES = 16  # images decoded together; their regions are shuffled into each other's batches
 
@@ -74,7 +74,7 @@ class ProposalSampler:
 
     def __init__(self, root: Path, items: Sequence[ImageBoxes], regions: RegionParams, train: TrainParams,
                  seed: int) -> None:
-        """``regions``: the settings the regions stage used (:func:`rcnn.regions.region_settings`)."""
+        """``regions``: the settings the regions stage used (:func:`rcnn.proposals.labelling.region_settings`)."""
         self.root, self.items, self.regions, self.train, self.seed = root, list(items), regions, train, seed
         self.pools = [_pools(item, regions.difficult_as_foreground) for item in self.items]
         self.batch_size = train.batch_size

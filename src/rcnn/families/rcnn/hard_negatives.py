@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rcnn import voc
-from rcnn.crops import warp_crops
+from rcnn.data import voc
+from rcnn.families.rcnn.crops import warp_crops
 from rcnn.families.rcnn.features import crop_features
 from rcnn.families.rcnn.model import RegionClassifier
-from rcnn.region_boxes import ImageBoxes
+from rcnn.proposals.region_boxes import ImageBoxes
 
 SCORE_CHUNK = 8192  # pool rows scored at a time
 

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rcnn.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
-from rcnn.checkpoints import is_int_in, read_checkpoint, state_payload, write_checkpoint
-from rcnn.device import seeded_rng, use_channels_last
-from rcnn.errors import RcnnError
+from rcnn.engine.checkpoints import read_checkpoint, state_payload, write_checkpoint
+from rcnn.engine.device import seeded_rng, use_channels_last
+from rcnn.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
+from rcnn.pipeline.param_checks import allowed
+from rcnn.pipeline.params import ModelParams, RegionParams
+from rcnn.utils.errors import RcnnError
 
 
 class RegionClassifier(nn.Module):
@@ -159,11 +161,10 @@ def _check_meta(meta: dict[str, Any]) -> None:
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise ValueError("classes must be a non-empty list of names")
-    checks = {"hidden": is_int_in(meta["hidden"], 1, 1 << 16), "trainable_layers": is_int_in(meta["trainable_layers"], 0),
-              "crop_size": is_int_in(meta["crop_size"], 32, 1024),
-              "context": is_int_in(meta["context"], 0) and 2 * meta["context"] < meta["crop_size"],
-              "dropout": isinstance(meta["dropout"], float) and 0 <= meta["dropout"] < 1,
-              "backbone": isinstance(meta["backbone"], str)}
+    checks = {**{key: allowed(ModelParams, key, meta[key])
+                 for key in ("hidden", "trainable_layers", "dropout", "backbone")},
+              "crop_size": allowed(RegionParams, "crop_size", meta["crop_size"]),
+              "context": allowed(RegionParams, "context", meta["context"]) and 2 * meta["context"] < meta["crop_size"]}
     bad = next((name for name, ok in checks.items() if not ok), None)
     if bad is not None:
         raise ValueError(f"{bad} = {meta[bad]!r} is invalid")

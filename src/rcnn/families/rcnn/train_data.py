@@ -10,17 +10,20 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from rcnn.data import voc
+from rcnn.engine.device import inference_autocast
+from rcnn.evaluation.validation import labelled_split_ap, warn_if_unscorable
 from rcnn.families.rcnn import features as features_mod
-from rcnn import regions, voc
+from rcnn.families.rcnn import regions
 from rcnn.families.rcnn.bbox_regression import fit_box_regressor
-from rcnn.detector import labelled_split_ap, postprocess_settings, warn_if_unscorable
 from rcnn.families.rcnn.detector import RCNNDetector
-from rcnn.errors import RcnnError
 from rcnn.families.rcnn.finetune import ProposalSampler
-from rcnn.device import inference_autocast
 from rcnn.families.rcnn.model import RegionClassifier, preprocess
-from rcnn.params import Params
-from rcnn.region_boxes import ImageBoxes, load_boxes
+from rcnn.modeling.postprocess import postprocess_settings
+from rcnn.pipeline.params import Params
+from rcnn.proposals import labelling
+from rcnn.proposals.region_boxes import ImageBoxes, load_boxes
+from rcnn.utils.errors import RcnnError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 ValidationAP = Callable[..., dict[str, float]]  # (model, svm=None, regressor=None) -> {"map", "map07"} on validation
@@ -99,7 +102,7 @@ def finetune_data(sampler: ProposalSampler, regions_dir: str | Path, root: Path,
     reach ``train.min_steps``). Validation: the loss on the regions stage's fixed sample of the validation
     split, and detection AP (:func:`validation_ap`), which picks the best epoch (the loss alone favours early,
     under-trained epochs)."""
-    index = regions.read_index(regions_dir)
+    index = labelling.read_index(regions_dir)
     val_split, batch = params.data.val_split, params.train.feature_batch_size
 
     def val_batches() -> Iterator[Batch]:
@@ -140,7 +143,7 @@ def box_regressor(model: RegionClassifier, regions_dir: str | Path, params: Para
 
 def labelled_boxes(regions_dir: str | Path, split: str) -> list[ImageBoxes]:
     """Every labelled proposal of ``split``'s images, as the regions stage stored them."""
-    index = regions.read_index(regions_dir)
+    index = labelling.read_index(regions_dir)
     rel = index.get("labelled_boxes", {}).get(split)
     if rel is None:
         raise RcnnError(f"{Path(regions_dir) / 'index.json'} lists no labelled boxes for {split}: rerun the "

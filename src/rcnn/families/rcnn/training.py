@@ -10,11 +10,11 @@ hard-negative mining (:mod:`rcnn.families.rcnn.hard_negatives`), kept as configu
 ``train.classifier_choice: validation``, only where it beats the softmax head on validation AP; then box
 regression on the final features.
 
-Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.optim`), early stopping on the validation
+Class-weighted cross-entropy (background vs objects), Adam or SGD (:mod:`rcnn.engine.optim`), early stopping on the validation
 loss (or AP, when fine-tuning) with the best state kept, scored from the epoch ``train.val_start`` sets on;
 seeded model init, sampling, dropout and flips, so the same params give the same metrics. Per-epoch curves go to dvclive, the best epoch's numbers to
 ``metrics/train.json`` and the best model to ``data/model/model.pt``, unless the final classifier
-labels no foreground of its training regions correctly (:mod:`rcnn.class_accuracy`): then the stage
+labels no foreground of its training regions correctly (:mod:`rcnn.evaluation.class_accuracy`): then the stage
 stops instead, and ``metrics/train.json`` reports each class's foreground accuracy either way.
 """
 
@@ -34,24 +34,26 @@ from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
+from rcnn.data import voc
+from rcnn.engine.device import select_device
+from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
+from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
+from rcnn.evaluation.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
+                                            with_weights_advice)
 from rcnn.families.rcnn import features as features_mod
-from rcnn import regions, voc
+from rcnn.families.rcnn import regions
 from rcnn.families.rcnn.bbox_regression import fit_box_regressor
-from rcnn.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
-                                  with_weights_advice)
-from rcnn.errors import RcnnError
-from rcnn.fileio import write_json
 from rcnn.families.rcnn.finetune import ProposalSampler
 from rcnn.families.rcnn.hard_negatives import already_sampled, hard_score, mine_hard_negatives, negative_pool, pool_scores
-from rcnn.device import select_device
 from rcnn.families.rcnn.model import RegionClassifier, build_model, save_checkpoint
-from rcnn.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
-from rcnn.params import Params, to_dict
-from rcnn.region_boxes import ImageBoxes
-from rcnn.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.families.rcnn.svm import fit_svms, svm_margins
 from rcnn.families.rcnn.train_data import (TrainData, ValidationAP, cached_feature_data, finetune_data, labelled_boxes,
                                            validation_ap)
+from rcnn.pipeline.params import Params, to_dict
+from rcnn.proposals import labelling
+from rcnn.proposals.region_boxes import ImageBoxes
+from rcnn.utils.errors import RcnnError
+from rcnn.utils.fileio import write_json
 
 METRIC_NAMES = ("loss", "accuracy", "fg_accuracy")
 
@@ -270,11 +272,11 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
                     voc_dir: str | Path = "data/voc", resume_dir: str | Path | None = None) -> dict:
     """Train, write the best checkpoint and ``metrics/train.json``; returns the metrics.
 
-    ``resume_dir``: where resume points live (:mod:`rcnn.resume`; the main training's epochs, after
+    ``resume_dir``: where resume points live (:mod:`rcnn.engine.resume`; the main training's epochs, after
     which hard-negative rounds and SVMs are recomputed); None keeps none.
     """
     features_dir = Path(features_dir)
-    index = regions.read_index(regions_dir)
+    index = labelling.read_index(regions_dir)
     device = select_device(params.train.device)
     torch.manual_seed(params.seed)  # dropout
     model = build_model(params).to(device)

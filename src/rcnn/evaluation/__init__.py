@@ -1,0 +1,1 @@
+"""Scoring and showing detections: VOC AP, COCO metrics, bootstrap intervals, confusion, class accuracy, drawing."""

@@ -1,2 +1,0 @@
-"""Dataset formats besides VOC (COCO JSON, YOLO txt): recognised, read into one record type and written as the
-VOC folder the pipeline reads (:mod:`rcnn.formats.convert`); and the synthetic set written in each, for tests."""

@@ -1,0 +1,57 @@
+"""The parts of the two-stage head that differ from torchvision's: pixel-aligned RoIAlign from one feature
+map, and TFA's cosine classifier beside the linear one (both with the interfaces ``RoIHeads`` calls)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import roi_align
+
+FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResNet layer4, MobileNet features)
+
+
+class RoIAlignPool(nn.Module):
+    """RoIAlign of every proposal from the single feature map ``"0"``, pixel-aligned.
+
+    The interface of ``MultiScaleRoIAlign`` (what ``RoIHeads`` calls), but with
+    ``aligned=True``: torchvision's multi-scale pooler samples half a pixel off (``aligned=False``,
+    kept there for old checkpoints), which at stride 32 is a 16-pixel shift in the image.
+    """
+
+    def __init__(self, output_size: int, spatial_scale: float = 1 / FEATURE_STRIDE, sampling_ratio: int = 2) -> None:
+        super().__init__()
+        self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        return roi_align(features["0"], proposals, self.output_size, spatial_scale=self.spatial_scale,
+                         sampling_ratio=self.sampling_ratio, aligned=True)
+
+
+class CosinePredictor(nn.Module):
+    """TFA's classifier (Wang et al., ICML 2020): each class score is ``scale`` times the cosine between the RoI
+    feature and that class's weight vector, so no class outscores another by the length of its weights or a
+    bias, which a class with many boxes (background above all) otherwise grows at the expense of one with a
+    few. Box deltas stay linear. Same interface as ``FastRCNNPredictor``: what ``RoIHeads`` calls."""
+
+    def __init__(self, in_channels: int, num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.cls_score = nn.Linear(in_channels, num_classes, bias=False)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)  # TFA's initialisation
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1)
+        cosine = nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.cls_score.weight, dim=1).t()
+        return self.scale * cosine, self.bbox_pred(x)
+
+
+def box_predictor(classifier: str, hidden: int, num_labels: int, cosine_scale: float) -> nn.Module:
+    """The last layer: linear class scores (``softmax``) or cosine ones (``cosine``), and box deltas."""
+    if classifier == "cosine":
+        return CosinePredictor(hidden, num_labels, cosine_scale)
+    return FastRCNNPredictor(hidden, num_labels)
