@@ -127,12 +127,18 @@ def time_steps(step: Callable[[list[list[PlanItem]]], None], plan: list[list[Pla
     return 1000 * (time.perf_counter() - start) / max(len(plan) - warmup, 1)
 
 
+def examples_of(params: Params, regions: Path, root: Path) -> list:
+    """The training examples the train stage would build from ``regions`` (as :mod:`rcnn.engine.two_stage_trainer`)."""
+    index = read_index(regions, "boxes")
+    return training_examples(root, load_boxes(regions / "train" / BOXES_FILE, len(params.classes)),
+                             bool(index["difficult_as_foreground"]), params.train.bg_iou_low)
+
+
 def ours(params: Params, build: Callable, regions: Path, root: Path, plan: list[list[PlanItem]], warmup: int,
          device: torch.device, workers: int) -> float:
     """ms per step of the project's trainer (:func:`rcnn.engine.two_stage_trainer.train_epoch`) on ``plan``."""
     index = read_index(regions, "boxes")
-    examples = training_examples(root, load_boxes(regions / "train" / BOXES_FILE, len(params.classes)),
-                                 bool(index["difficult_as_foreground"]), params.train.bg_iou_low)
+    examples = examples_of(params, regions, root)
     torch.manual_seed(params.seed)
     model = build(params, index["fg_iou"], index["bg_iou"]).to(device)
     optimizer = build_optimizer(model.parameters(), params.train, model.body.parameters(), params.train.backbone_lr)
@@ -171,8 +177,7 @@ def peer(params: Params, root: Path, plan: list[list[PlanItem]], ids: list[str],
 def loading(regions: Path, root: Path, params: Params, plan: list[list[PlanItem]], warmup: int,
             device: torch.device, workers: int) -> float:
     """ms per batch of reading, decoding and flipping alone (what a step waits for with no workers)."""
-    examples = training_examples(root, load_boxes(regions / "train" / BOXES_FILE, len(params.classes)), False)
-    loader = BatchLoader(examples, workers, device)
+    loader = BatchLoader(examples_of(params, regions, root), workers, device)
     return time_steps(lambda batches: [None for _ in loader(batches)], plan, warmup, device)
 
 

@@ -15,7 +15,7 @@ Two choices differ from torchvision's Faster R-CNN defaults, both measured on a 
 a 1x1 convolution reduces the map to ``model.roi_channels`` channels *before* pooling, and the
 head is ``model.hidden`` wide (512, not 1024): pooling 2,000 RoIs from the 1280-channel
 MobileNetV2 map into a 1024-wide head took 2.3 s per image, 0.16 s with 128 channels and 512.
-Detection uses the project's post-processing (:func:`rcnn.modeling.detector_interface.postprocess_detections`,
+Detection uses the project's post-processing (:func:`rcnn.modeling.postprocess.postprocess_detections`,
 VOC ``+1`` NMS, deterministic ties) rather than ``RoIHeads.postprocess_detections``, so every
 detector family is scored by exactly the same rules. Boxes are decoded in float32 whatever the
 autocast dtype.
@@ -52,8 +52,8 @@ from rcnn.pipeline.params import ModelParams, Params, RegionParams, TrainParams,
 from rcnn.utils.boxes import INCLUSIVE_SHIFT, clip_boxes
 from rcnn.utils.errors import RcnnError
 
-# Constructor arguments of RoIDetector that a checkpoint records (its "config"); a family may add its own.
 CLASSIFIERS = ("softmax", "cosine")
+# Constructor arguments of RoIDetector that a checkpoint records (its "config"); a family may add its own.
 CONFIG_KEYS = ("backbone", "num_classes", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout",
                "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction",
                "feature_stride", "classifier", "cosine_scale")

@@ -1,7 +1,7 @@
 """R-CNN detection: proposals -> warped crops -> CNN class scores (softmax or SVMs) -> per-class boxes.
 
 When the checkpoint carries a bounding-box regressor, each candidate uses its class's refined box
-(:meth:`RCNNDetector.class_boxes`); post-processing is the shared :func:`rcnn.modeling.detector_interface.postprocess_detections`.
+(:meth:`RCNNDetector.class_boxes`); post-processing is the shared :func:`rcnn.modeling.postprocess.postprocess_detections`.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class ProposalSampler:
 
     def __init__(self, root: Path, items: Sequence[ImageBoxes], regions: RegionParams, train: TrainParams,
                  seed: int) -> None:
-        """``regions``: the settings the regions stage used (:func:`rcnn.proposals.labelling.region_settings`)."""
+        """``regions``: the settings the regions stage used (:func:`rcnn.families.rcnn.regions.region_settings`)."""
         self.root, self.items, self.regions, self.train, self.seed = root, list(items), regions, train, seed
         self.pools = [_pools(item, regions.difficult_as_foreground) for item in self.items]
         self.batch_size = train.batch_size
