@@ -12,7 +12,9 @@ same seed on the same plan of batches (the first ``--images`` training images, f
 drawn alike): ``--warmup`` steps untimed, then ``--steps`` timed, loading included, with the device
 synchronised at both ends. Switches, each against the default the code picks on this device:
 ``workers=2`` (reading in two worker processes), ``channels_last`` flipped, ``precision`` flipped between
-float32 and bfloat16 autocast, and on CUDA ``cudnn_benchmark``. Writes ``results.json`` and ``results.md``.
+float32 and bfloat16 autocast, ``batch_shapes`` flipped between free and grouped batches (the same images, grouped
+by orientation at one size per batch, padded to canvases; with ``cudnn.benchmark`` on CUDA), and on CUDA
+``cudnn_benchmark`` alone. Writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from rcnn.modeling import two_stage
 from rcnn.engine import two_stage_trainer
 
 from rcnn.data import voc
-from rcnn.engine.device import inference_dtype, select_device, use_channels_last
+from rcnn.engine.device import inference_dtype, select_device, training_scaler, tune_for_bounded_shapes, use_channels_last
 from rcnn.engine.optim import build_optimizer, build_scheduler
-from rcnn.engine.two_stage_batches import BatchLoader, PlanItem, loader_workers, training_examples, training_plan
+from rcnn.engine.two_stage_batches import (BatchLoader, PlanItem, grouped_batches, loader_workers, orientation_groups,
+                                           training_examples, training_plan)
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
 from rcnn.families.faster_rcnn.model import build_faster_rcnn
 from rcnn.pipeline.family_registry import run_proposals_stage, run_regions_stage
@@ -113,6 +116,8 @@ def switch_label(name: str, device: torch.device) -> str:
         return "channels-last " + ("off" if use_channels_last(device) else "on")
     if name == "precision":
         return "bfloat16 autocast" if inference_dtype(device) == torch.float32 else "float32 (no autocast)"
+    if name == "batch_shapes":
+        return "free batches" if grouped_batches("auto", device) else "grouped batches"
     return {"workers": "2 loader workers", "cudnn_benchmark": "cudnn.benchmark on", "default": "default"}[name]
 
 
@@ -135,8 +140,9 @@ def examples_of(params: Params, regions: Path, root: Path) -> list:
 
 
 def ours(params: Params, build: Callable, regions: Path, root: Path, plan: list[list[PlanItem]], warmup: int,
-         device: torch.device, workers: int) -> float:
-    """ms per step of the project's trainer (:func:`rcnn.engine.two_stage_trainer.train_epoch`) on ``plan``."""
+         device: torch.device, workers: int, grouped: bool) -> float:
+    """ms per step of the project's trainer (:func:`rcnn.engine.two_stage_trainer.train_epoch`) on ``plan``, its
+    images ``grouped`` (as the trainer groups them) or not."""
     index = read_index(regions, "boxes")
     examples = examples_of(params, regions, root)
     torch.manual_seed(params.seed)
@@ -145,11 +151,28 @@ def ours(params: Params, build: Callable, regions: Path, root: Path, plan: list[
     scheduler = build_scheduler(optimizer, len(plan), params.train)
     loader = BatchLoader(examples, workers, device)
     meter = two_stage_trainer._Meter(params.num_classes, device)
+    scaler, canvas = training_scaler(device), two_stage_trainer.CANVAS if grouped else 0
+    if grouped:
+        plan = grouped_plan(plan, examples, model.train_sizes, params.seed)
+        tune_for_bounded_shapes(device)
 
     def step(batches: list[list[PlanItem]]) -> None:
-        two_stage_trainer.train_epoch(model, loader(batches), optimizer, scheduler, device, meter, 1, params.train.lr)
+        two_stage_trainer.train_epoch(model, loader(batches), optimizer, scheduler, device, meter, 1, params.train.lr,
+                                      scaler, canvas)
         meter.result()  # the epoch's one read of the device
-    return time_steps(step, plan, warmup, device)
+    try:
+        return time_steps(step, plan, warmup, device)
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+def grouped_plan(plan: list[list[PlanItem]], examples: list, sizes: tuple[int, ...],
+                 seed: int) -> list[list[PlanItem]]:
+    """``plan``'s images, as many batches, grouped by orientation at one training size per batch."""
+    items = [item for batch in plan for item in batch]
+    regrouped = training_plan(len(items), len(plan[0]), np.random.default_rng(seed),
+                              groups=orientation_groups([examples[item.index] for item in items]), sizes=sizes)
+    return [[items[item.index]._replace(size=item.size) for item in batch] for batch in regrouped]
 
 
 def peer(params: Params, root: Path, plan: list[list[PlanItem]], ids: list[str], warmup: int,
@@ -165,7 +188,7 @@ def peer(params: Params, root: Path, plan: list[list[PlanItem]], ids: list[str],
 
     def step(batches: list[list[PlanItem]]) -> None:
         for batch in batches:
-            order, flips = np.array([i for i, _ in batch]), np.array([f for _, f in batch])
+            order, flips = np.array([item.index for item in batch]), np.array([item.flip for item in batch])
             images, targets = _batch(root, annotations, order, flips, device)
             loss = sum(model(images, targets).values())
             optimizer.zero_grad(set_to_none=True)
@@ -185,8 +208,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parse_args(argv)
     commit = git_commit()
     device = select_device("auto")
-    switches = ["default", "workers", "channels_last", "precision"] + (["cudnn_benchmark"] if device.type == "cuda"
-                                                                       else [])
+    switches = ["default", "workers", "channels_last", "precision", "batch_shapes"] + (
+        ["cudnn_benchmark"] if device.type == "cuda" else [])
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-steps-") as tmp:
         work = Path(tmp)
@@ -208,8 +231,9 @@ def main(argv: list[str]) -> dict[str, Any]:
                         "ms_per_step": loading(d / "regions", root, params, plan, args.warmup, device, workers)}
             for name in switches:
                 with switched(name, device):
+                    grouped = grouped_batches(params.train.batch_shapes, device) != (name == "batch_shapes")
                     ms = ours(params, build, d / "regions", root, plan, args.warmup, device,
-                              2 if name == "workers" else loader_workers(params.train.workers, device))
+                              2 if name == "workers" else loader_workers(params.train.workers, device), grouped)
                 rows[f"{family}, {switch_label(name, device)}"] = {"family": family, "switch": name, "ms_per_step": ms}
                 print(f"[steps] {family} {switch_label(name, device)}: {ms:.1f} ms/step", flush=True)
             if family == "faster_rcnn" and not args.skip_peer:

@@ -236,11 +236,11 @@ def test_small_sets_repeat_their_images_to_reach_min_steps():
     t = TrainParams(images_per_batch=2, epochs=10, min_steps=70)
     assert steps_per_epoch(5, t) == 7 and steps_per_epoch(5, TrainParams(images_per_batch=2)) == 3
     batches = training_plan(5, 2, np.random.default_rng(0), 7)
-    seen = [index for batch in batches for index, _ in batch]
+    seen = [item.index for batch in batches for item in batch]
     assert [len(b) for b in batches] == [2] * 7 and sorted(set(seen)) == list(range(5))
     assert all(seen[:5].count(i) == 1 for i in range(5))  # each pass is a permutation
     # When min_steps does not bind, an epoch is one pass, drawn exactly as without it.
-    one = [index for batch in training_plan(5, 2, np.random.default_rng(0), 3) for index, _ in batch]
+    one = [item.index for batch in training_plan(5, 2, np.random.default_rng(0), 3) for item in batch]
     assert one == list(np.random.default_rng(0).permutation(5))
 
 

@@ -182,3 +182,35 @@ def test_a_killed_frozen_head_training_resumes_to_the_same_bytes_saving_only_the
     assert train(tmp_path / "resumed")["resumed_from_epoch"] == 2
     assert _outputs(tmp_path / "resumed") == _outputs(tmp_path / "plain")
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")
+
+
+def test_a_killed_float16_training_resumes_its_gradient_scale_and_grouped_batches_to_the_same_bytes(
+        boxes_inputs, synthetic_voc, tmp_path, monkeypatch):
+    """What a CUDA GPU without bf16 runs (float16 autocast, scaled gradients), on the CPU: the scaler's state
+    (its scale backs off on every overflowing step) is part of the resume point, and grouped batches replan alike."""
+    params = _fast_rcnn_params(synthetic_voc, batch_shapes="grouped")
+    scales = []
+
+    def scaler(device):
+        scales.append(torch.amp.GradScaler(device.type, init_scale=2.0 ** 24, growth_interval=3))
+        return scales[-1]
+
+    def float16(device):
+        return torch.autocast(device.type, dtype=torch.float16)
+
+    def train(out: Path) -> dict:
+        monkeypatch.setattr(two_stage_trainer, "training_scaler", scaler)
+        monkeypatch.setattr(two_stage_trainer, "inference_autocast", float16)
+        return run_train_stage(params, boxes_inputs / "features", boxes_inputs / "regions", out / "model.pt",
+                               out / "train.json", out / "dvclive", synthetic_voc, resume_dir=tmp_path / "resume")
+
+    plain = train(tmp_path / "plain")
+    assert plain["batch_shapes"] == "grouped" and scales[-1].get_scale() != 2.0 ** 24  # the scale moved
+    _interrupt_at(monkeypatch, two_stage_trainer, "validation_ap", call=2)
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = train(tmp_path / "resumed")
+    assert resumed["resumed_from_epoch"] == 1 and scales[-1].get_scale() == scales[0].get_scale()
+    assert _outputs(tmp_path / "resumed") == _outputs(tmp_path / "plain")
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")

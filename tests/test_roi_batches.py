@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 from rcnn.data import voc
-from rcnn.engine.two_stage_batches import BatchLoader, in_order_plan, loader_workers, training_examples, training_plan
-from rcnn.engine.two_stage_trainer import DIVERGENCE_CHECK_STEPS, _Meter, train_epoch
+from rcnn.engine.device import training_scaler
+from rcnn.engine.two_stage_batches import (BatchLoader, grouped_batches, in_order_plan, loader_workers,
+                                           training_examples, training_plan)
+from rcnn.engine.two_stage_trainer import CANVAS, DIVERGENCE_CHECK_STEPS, _Meter, train_epoch
+from rcnn.families.faster_rcnn.model import build_faster_rcnn
+from rcnn.modeling.image_input import CanvasTransform
 from rcnn.pipeline.family_registry import run_regions_stage, run_train_stage
 from rcnn.pipeline.params import Params, from_dict
 from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
 from rcnn.utils.errors import ParamError, RcnnError
 
 TIMING = ("seconds", "seconds_per_epoch", "steps_per_second", "validation_seconds", "workers")
+CPU = torch.device("cpu")
 
 
 def _params(source: Path, **train) -> Params:
@@ -48,11 +54,12 @@ def _examples(regions: Path, synthetic_voc: Path):
 def test_worker_processes_load_the_same_batches_in_the_same_order(regions: Path, synthetic_voc: Path):
     examples = _examples(regions, synthetic_voc)
     plan = training_plan(len(examples), 2, np.random.default_rng(3), steps=9)
-    assert any(flip for batch in plan for _, flip in batch)
+    assert any(item.flip for batch in plan for item in batch)
     loaded = {workers: list(BatchLoader(examples, workers, torch.device("cpu"))(plan)) for workers in (0, 2)}
     assert len(loaded[0]) == len(loaded[2]) == 9
     for plain, parallel in zip(loaded[0], loaded[2]):
-        for left, right in zip(plain, parallel):
+        assert plain[3] == parallel[3] == 0  # the model draws each image's size (free batches)
+        for left, right in zip(plain[:3], parallel[:3]):
             assert len(left) == len(right)
             for a, b in zip(left, right):
                 if isinstance(a, dict):
@@ -60,17 +67,19 @@ def test_worker_processes_load_the_same_batches_in_the_same_order(regions: Path,
                 else:
                     assert torch.equal(a, b)
     # validation and the trained model's scoring: every image once, in order, unflipped
-    assert [i for batch in in_order_plan(5, 2) for i, flip in batch if not flip] == [0, 1, 2, 3, 4]
+    assert [item.index for batch in in_order_plan(5, 2) for item in batch if not item.flip] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("shapes", ["free", "grouped"])
 def test_training_with_two_workers_ends_with_the_same_model_and_metrics(regions: Path, synthetic_voc: Path,
-                                                                         tmp_path: Path):
+                                                                         tmp_path: Path, shapes: str):
     runs = {}
     for workers in (0, 2):
         out = tmp_path / str(workers)
-        runs[workers] = run_train_stage(_params(synthetic_voc, workers=workers), tmp_path / "features", regions,
-                                        out / "model.pt", out / "train.json", out / "dvclive", synthetic_voc)
-        assert runs[workers]["workers"] == workers
+        runs[workers] = run_train_stage(_params(synthetic_voc, workers=workers, batch_shapes=shapes),
+                                        tmp_path / "features", regions, out / "model.pt", out / "train.json",
+                                        out / "dvclive", synthetic_voc)
+        assert runs[workers]["workers"] == workers and runs[workers]["batch_shapes"] == shapes
         assert runs[workers]["steps_per_second"] > 0 and runs[workers]["validation_seconds"] > 0
     states = [torch.load(tmp_path / str(w) / "model.pt", weights_only=False)["state_dict"] for w in (0, 2)]
     assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -88,7 +97,7 @@ class _Diverging(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.nan_at, self.calls = nan_at, 0
 
-    def losses(self, images, proposals, targets):
+    def losses(self, images, proposals, targets, size=0, canvas=0):
         self.calls += 1
         loss = self.weight * (float("nan") if self.calls == self.nan_at else 1.0)
         return {"loss_classifier": loss}, torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64)
@@ -99,7 +108,7 @@ def test_a_non_finite_loss_stops_training_with_one_error_within_the_checked_step
     model = _Diverging(nan_at)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    batch = ([torch.zeros(3, 8, 8)], [torch.zeros(0, 4)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
+    batch = ([torch.zeros(3, 8, 8)], [torch.zeros(0, 4)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}], 0)
     meter = _Meter(2, torch.device("cpu"))
     with pytest.raises(RcnnError, match=r"training diverged at epoch 4 \(loss nan\): lower train.lr \(now 0.1\)"):
         train_epoch(model, [batch] * 30, optimizer, scheduler, torch.device("cpu"), meter, epoch=4, lr=0.1)
@@ -126,3 +135,83 @@ def test_workers_auto_reads_on_the_cpu_and_beside_a_gpu_in_workers():
     for bad, message in (("many", "expected an integer or one of 'auto'"), (-1, "out of range"), (99, "out of range")):
         with pytest.raises(ParamError, match=message):
             from_dict({"train": {"workers": bad}})
+
+
+def test_grouped_batches_hold_one_orientation_at_one_size_and_the_same_images_as_free_ones():
+    groups = np.array([0, 1, 0, 0, 1, 1, 0, 1, 0])  # 5 landscape, 4 portrait images
+    free = training_plan(9, 2, np.random.default_rng(5), steps=11)
+    grouped = training_plan(9, 2, np.random.default_rng(5), steps=11, groups=groups, sizes=(80, 96))
+    assert len(grouped) == len(free) == 11
+    assert sorted(item[:2] for b in grouped for item in b) == sorted(item[:2] for b in free for item in b)
+    mixed = [b for b in grouped if len({groups[item.index] for item in b}) > 1]
+    assert len(mixed) <= 1 and (not mixed or mixed[0] is grouped[-1])  # only the leftovers, at the end
+    assert all(len({item.size for item in b}) == 1 and b[0].size in (80, 96) for b in grouped)
+    assert {b[0].size for b in grouped} == {80, 96}
+    assert all(item.size == 0 for b in free for item in b)  # free batches: the model draws per image
+    again = training_plan(9, 2, np.random.default_rng(5), steps=11, groups=groups, sizes=(80, 96))
+    assert again == grouped
+
+
+def test_grouped_batches_meet_a_fixed_set_of_canvases_and_keep_every_pixel():
+    # a tenth of the presets' scale (sizes 400-560, max 800, padding 32 / 128): fast, and the same arithmetic
+    sizes, canvas = (40, 48, 56), 16
+    transform = CanvasTransform(sizes, 80, [0.5] * 3, [0.25] * 3, size_divisible=4).train()
+    rng = np.random.default_rng(0)
+    images = [torch.rand(3, int(h), int(w)) for h, w in rng.integers(20, 70, size=(90, 2))]
+    groups = np.array([int(img.shape[1] > img.shape[2]) for img in images])
+    canvases = {(long_side, short) for short in (40, 48, 56) for long_side in (48, 64, 80)}
+    canvases |= {(short, long_side) for long_side, short in canvases}
+    shapes = {"free": set(), "grouped": set()}
+    for name in shapes:
+        plan = training_plan(len(images), 2, np.random.default_rng(1), steps=400,
+                             groups=groups if name == "grouped" else None, sizes=sizes)
+        for batch in plan:
+            with transform.shaped(batch[0].size, canvas if name == "grouped" else 0):
+                shapes[name].add(tuple(transform([images[item.index] for item in batch])[0].tensors.shape[-2:]))
+    mixed = shapes["grouped"] - canvases  # the leftover batch of an epoch, both sides padded to the canvas
+    assert all(side % canvas == 0 for shape in mixed for side in shape) and len(mixed) <= 3
+    assert len(shapes["grouped"]) <= len(canvases) + len(mixed) < len(shapes["free"]) / 2
+    one = images[0]
+    with transform.shaped(48, canvas):
+        padded = transform([one])[0]
+    (h, w), = padded.image_sizes
+    with transform.shaped(48, 0):
+        plain = transform([one])[0]
+    assert plain.image_sizes == padded.image_sizes and min(h, w) == 48
+    assert torch.equal(padded.tensors[..., :h, :w], plain.tensors[..., :h, :w])
+    assert float(padded.tensors[..., h:, :].abs().sum() + padded.tensors[..., :, w:].abs().sum()) == 0.0
+
+
+def test_batch_shapes_auto_groups_on_a_gpu_only_and_a_bad_value_is_one_error():
+    assert grouped_batches("auto", torch.device("cuda")) and not grouped_batches("auto", CPU)
+    assert grouped_batches("grouped", CPU) and not grouped_batches("free", torch.device("cuda"))
+    assert from_dict({"train": {"batch_shapes": "grouped"}}).train.batch_shapes == "grouped"
+    with pytest.raises(ParamError, match="batch_shapes"):
+        from_dict({"train": {"batch_shapes": "square"}})
+
+
+def test_float16_training_scales_its_gradients_and_bfloat16_or_float32_training_does_not():
+    with mock.patch("rcnn.engine.device.inference_dtype", lambda _: torch.float16):
+        assert training_scaler(CPU).is_enabled()
+    with mock.patch("rcnn.engine.device.inference_dtype", lambda _: torch.bfloat16):
+        assert not training_scaler(CPU).is_enabled()
+
+
+def test_a_float16_step_with_the_scaler_learns_and_skips_overflowing_steps(regions: Path, synthetic_voc: Path):
+    params = _params(synthetic_voc)
+    examples = _examples(regions, synthetic_voc)
+    torch.manual_seed(0)
+    model = build_faster_rcnn(params, 0.5, 0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)  # overflows at first: those steps are skipped
+    meter = _Meter(4, CPU)
+    plan = training_plan(len(examples), 2, np.random.default_rng(0), steps=16)
+    with mock.patch("rcnn.engine.two_stage_trainer.inference_autocast",
+                    lambda device: torch.autocast(device.type, dtype=torch.float16)):
+        train_epoch(model, BatchLoader(examples, 0, CPU)(plan), optimizer, scheduler, CPU, meter, 1, 0.01, scaler)
+    assert scaler.get_scale() < 2.0 ** 28  # backed off
+    assert np.isfinite(meter.result()["loss"])
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed  # the steps that did not overflow updated the weights

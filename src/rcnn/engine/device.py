@@ -40,16 +40,32 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32.
+    """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), float16 on
+    CUDA GPUs without bf16 (their tensor cores; training scales its gradients, :func:`training_scaler`), else
+    float32.
 
     Measured on a CPU with AVX512-BF16: 2-4x the fp32 throughput of the backbone, features within
     1% (relative to their largest value); CPUs without native bf16 would be slower, so they stay fp32.
     """
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def training_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled where training autocasts to float16 (whose small gradients would underflow to
+    zero); disabled it passes every call through, so bfloat16 and float32 training are unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=inference_dtype(device) == torch.float16)
+
+
+def tune_for_bounded_shapes(device: torch.device) -> None:
+    """``cudnn.benchmark`` on CUDA, for a run whose batch shapes are bounded (grouped batches): each shape's
+    convolution algorithms are timed once and reused. On a GPU results were never bitwise reproducible
+    across runs (RoIAlign's backward adds atomically); on a CPU this does nothing."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:

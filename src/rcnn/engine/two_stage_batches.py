@@ -1,11 +1,16 @@
 """Batches of whole images for the two-stage trainer (:mod:`rcnn.engine.two_stage_trainer`).
 
-The plan (which images, in which order, flipped or not) is drawn in the training process from the run's
-generator; a ``torch.utils.data.DataLoader`` only reads, decodes and flips what the plan names, in
+The plan (which images, in which order, flipped or not, and with ``train.batch_shapes`` grouped, at which
+training size) is drawn in the training process from the run's generator; a ``torch.utils.data.DataLoader`` only reads, decodes and flips what the plan names, in
 ``train.workers`` worker processes kept for the whole run, into pinned memory on CUDA, so that reading
 overlaps with the step. The plan never depends on the number of workers, and the loader draws nothing from
 torch's global generator (the one RoI sampling and multi-scale sizes use): one seed gives the same batches,
 flips and model bytes with 0 workers or 8.
+
+Grouped batches (:func:`grouped_batches`: ``train.batch_shapes``) hold images of one orientation (torchvision's
+``GroupedBatchSampler``, detectron2's ``AspectRatioGroupedDataset``) at one training size drawn per batch, so that
+padded to :class:`rcnn.modeling.image_input.CanvasTransform`'s canvases a run meets a few batch shapes, not one per
+step: what lets cuDNN keep the algorithms it benchmarked.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +31,19 @@ from rcnn.modeling.image_input import flip_boxes, image_tensor, to_continuous
 from rcnn.proposals.region_boxes import ImageBoxes
 from rcnn.utils.errors import RcnnError
 
-PlanItem = tuple[int, bool]  # (example index, flipped)
-Batch = tuple[list[torch.Tensor], list[torch.Tensor], list[dict[str, torch.Tensor]]]
 MAX_AUTO_WORKERS = 8
+
+
+class PlanItem(NamedTuple):
+    """One image of a planned batch."""
+
+    index: int  # into the examples
+    flip: bool
+    size: int = 0  # the batch's training size (short side); 0: the model draws one per image
+
+
+# images, proposals, targets, and the batch's training size (0: the model draws one per image)
+Batch = tuple[list[torch.Tensor], list[torch.Tensor], list[dict[str, torch.Tensor]], int]
 
 
 @dataclass
@@ -101,20 +116,49 @@ def training_order(n: int, needed: int, rng: np.random.Generator, repeat: np.nda
 
 
 def training_plan(num_examples: int, images_per_batch: int, rng: np.random.Generator, steps: int | None = None,
-                  repeat: np.ndarray | None = None) -> list[list[PlanItem]]:
+                  repeat: np.ndarray | None = None, groups: np.ndarray | None = None,
+                  sizes: Sequence[int] = ()) -> list[list[PlanItem]]:
     """One epoch's batches: a shuffled order with random flips, ``steps`` batches (passing over the images as
-    often as that takes, each pass in a fresh order, images drawn by their ``repeat`` factors where given)."""
+    often as that takes, each pass in a fresh order, images drawn by their ``repeat`` factors where given).
+    With ``groups`` (a group number per example, e.g. its orientation) each batch holds one group's images in
+    the order they come (the leftovers of every group at the end, together) and gets one of ``sizes``."""
     one_pass = -(-num_examples // images_per_batch)
     needed = steps * images_per_batch if steps and steps > one_pass else num_examples
     order = training_order(num_examples, needed, rng, repeat)
     flips = rng.random(len(order)) < 0.5
-    items = [(int(i), bool(flip)) for i, flip in zip(order, flips)]
-    return [items[start:start + images_per_batch] for start in range(0, len(items), images_per_batch)]
+    items = [PlanItem(int(i), bool(flip)) for i, flip in zip(order, flips)]
+    if groups is None:
+        return [items[start:start + images_per_batch] for start in range(0, len(items), images_per_batch)]
+    batches, waiting = [], {}
+    for item in items:
+        group = waiting.setdefault(int(groups[item.index]), [])
+        group.append(item)
+        if len(group) == images_per_batch:
+            batches.append(group[:])
+            group.clear()
+    left = [item for group in sorted(waiting) for item in waiting[group]]
+    batches += [left[start:start + images_per_batch] for start in range(0, len(left), images_per_batch)]
+    drawn = rng.choice(np.asarray(sizes, np.int64), size=len(batches)) if len(sizes) else np.zeros(len(batches), int)
+    return [[item._replace(size=int(size)) for item in batch] for batch, size in zip(batches, drawn)]
+
+
+def orientation_groups(examples: Sequence[Example]) -> np.ndarray:
+    """Group 0 for images at least as wide as high, 1 for the others: batches of one group pad little."""
+    return np.array([int(ex.boxes.height > ex.boxes.width) for ex in examples], np.int64)
+
+
+def grouped_batches(setting: str, device: torch.device) -> bool:
+    """``train.batch_shapes``: ``grouped`` or ``free``, or ``auto``: grouped on CUDA, where every new batch shape
+    costs cuDNN an algorithm search; free elsewhere, where a shape costs nothing and grouped batches would change
+    which images train together for no speed (docs/performance.md)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "grouped"
 
 
 def in_order_plan(num_examples: int, images_per_batch: int) -> list[list[PlanItem]]:
     """Every image once, in order, unflipped: validation and the trained model's scoring."""
-    items = [(i, False) for i in range(num_examples)]
+    items = [PlanItem(i, False) for i in range(num_examples)]
     return [items[start:start + images_per_batch] for start in range(0, num_examples, images_per_batch)]
 
 
@@ -138,8 +182,8 @@ class _ExampleImages(Dataset):
         return len(self.examples)
 
     def __getitem__(self, item: PlanItem):  # noqa: ANN204
-        index, flip = item
-        return load_example(self.examples[index], flip)
+        loaded = load_example(self.examples[item.index], item.flip)
+        return None if loaded is None else (*loaded, item.size)
 
 
 class _Plan(Sampler):
@@ -159,8 +203,8 @@ def _collate(loaded: list) -> Batch | None:
     kept = [x for x in loaded if x is not None]
     if not kept:
         return None
-    images, proposals, targets = zip(*kept)
-    return list(images), list(proposals), list(targets)
+    images, proposals, targets, sizes = zip(*kept)
+    return list(images), list(proposals), list(targets), sizes[0]
 
 
 class BatchLoader:
@@ -186,7 +230,7 @@ class BatchLoader:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """The batch on ``device``; copies from pinned memory do not wait for the device."""
     non_blocking = device.type == "cuda"
-    images, proposals, targets = batch
+    images, proposals, targets, size = batch
     return ([x.to(device, non_blocking=non_blocking) for x in images],
             [x.to(device, non_blocking=non_blocking) for x in proposals],
-            [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets])
+            [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets], size)

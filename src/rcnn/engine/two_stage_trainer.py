@@ -30,11 +30,13 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn.data import voc
-from rcnn.engine.device import inference_autocast, seeded_rng, select_device
+from rcnn.engine.device import (inference_autocast, seeded_rng, select_device, training_scaler,
+                                tune_for_bounded_shapes)
 from rcnn.engine.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
-from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, in_order_plan, loader_workers, repeat_factors,
-                                           to_device, training_examples, training_plan)
+from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, grouped_batches, in_order_plan, loader_workers,
+                                           orientation_groups, repeat_factors, to_device, training_examples,
+                                           training_plan)
 from rcnn.evaluation.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
                                             with_weights_advice)
 from rcnn.evaluation.validation import labelled_split_ap, scored_regions_recall, warn_if_unscorable
@@ -47,6 +49,7 @@ from rcnn.utils.errors import RcnnError
 from rcnn.utils.fileio import write_json
 
 VAL_SAMPLE_SEED = 12345  # the validation loss uses the same RoI sample every epoch
+CANVAS = 128  # grouped batches: the long side padded to a multiple of this (a few shapes per training size)
 DIVERGENCE_CHECK_STEPS = 20  # a non-finite loss stops training within this many steps
 
 
@@ -102,17 +105,20 @@ class _Meter:
 
 def train_epoch(model: RoIDetector, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, meter: _Meter, epoch: int,
-                lr: float) -> None:
+                lr: float, scaler: torch.amp.GradScaler | None = None, canvas: int = 0) -> None:
     """One pass of optimiser steps over ``batches``; the losses are read (divergence checked) only every
-    :data:`DIVERGENCE_CHECK_STEPS` steps and at the end, so that a GPU step waits for nothing."""
+    :data:`DIVERGENCE_CHECK_STEPS` steps and at the end, so that a GPU step waits for nothing. ``scaler``: the
+    run's :func:`training_scaler` (none: unscaled); ``canvas``: the long-side padding of grouped batches."""
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
     for step, batch in enumerate(batches, start=1):
-        images, proposals, targets = to_device(batch, device)
+        images, proposals, targets, size = to_device(batch, device)
         with inference_autocast(device):
-            losses, logits, labels = model.losses(images, proposals, targets)
+            losses, logits, labels = model.losses(images, proposals, targets, size, canvas)
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         meter.add(losses, logits, labels)
         if step % DIVERGENCE_CHECK_STEPS == 0:
@@ -129,7 +135,8 @@ def roi_meter(model: RoIDetector, loader: BatchLoader, num_examples: int, images
     meter = _Meter(model.config["num_classes"] + 1, device)
     with seeded_rng(VAL_SAMPLE_SEED), torch.inference_mode(), inference_autocast(device):
         for batch in loader(in_order_plan(num_examples, images_per_batch)):
-            meter.add(*model.losses(*to_device(batch, device)))
+            images, proposals, targets, _ = to_device(batch, device)
+            meter.add(*model.losses(images, proposals, targets))
     return meter
 
 
@@ -171,6 +178,11 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     scheduler = build_scheduler(optimizer, steps, t)
     workers = loader_workers(t.workers, device)
     train_loader, val_loader = BatchLoader(train, workers, device), BatchLoader(val, workers, device)
+    grouped = grouped_batches(t.batch_shapes, device)
+    groups, canvas = (orientation_groups(train), CANVAS) if grouped else (None, 0)
+    if grouped:
+        tune_for_bounded_shapes(device)
+    scaler = training_scaler(device)
     rng = np.random.default_rng(params.seed)
     best: dict = {"best_epoch": 0}
     best_key, best_state = (-1.0, float("-inf")), None
@@ -181,14 +193,17 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
         best, best_key, best_state = loop["best"], tuple(loop["best_key"]), loop["best_state"]
         epochs_run = resumed_from = int(loop["epoch"])
         stopped, earlier_seconds, timing = bool(loop["stopped"]), float(loop["seconds"]), loop["timing"]
+        if loop.get("scaler"):
+            scaler.load_state_dict(loop["scaler"])
     bar = tqdm(range(epochs_run + 1, t.epochs + 1 if not stopped else epochs_run + 1), desc=f"train {model.arch}",
                unit="epoch", initial=epochs_run, total=t.epochs)
     for epoch in bar:
         meter = _Meter(model.config["num_classes"] + 1, device)
-        plan = training_plan(len(train), t.images_per_batch, rng, steps, repeat if t.repeat_threshold else None)
+        plan = training_plan(len(train), t.images_per_batch, rng, steps, repeat if t.repeat_threshold else None,
+                             groups, model.train_sizes)
         epoch_start = time.perf_counter()
         train_epoch(model, tqdm(train_loader(plan), total=len(plan), desc=f"epoch {epoch}", unit="batch",
-                                leave=False), optimizer, scheduler, device, meter, epoch, t.lr)
+                                leave=False), optimizer, scheduler, device, meter, epoch, t.lr, scaler, canvas)
         train_m = meter.result()  # reads the device: the epoch's steps are done
         timing["step_seconds"] += time.perf_counter() - epoch_start
         timing["steps"] += meter.steps
@@ -221,7 +236,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
         stopped = patience_spent(epoch, best["best_epoch"], t)
         save_epoch(resume, live, model, optimizer, scheduler, numpy_rng=rng, epoch=epoch, stopped=stopped, best=best,
                    best_key=list(best_key), best_state=best_state, seconds=earlier_seconds + time.perf_counter() - start,
-                   timing=timing)
+                   timing=timing, scaler=scaler.state_dict())
         if stopped:
             break
     seconds = earlier_seconds + time.perf_counter() - start
@@ -242,7 +257,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
             # validation took; the loader's worker processes (train.workers)
             "steps_per_second": round(timing["steps"] / max(timing["step_seconds"], 1e-9), 4),
             "validation_seconds": round(timing["validation_seconds"] / max(timing["validated_epochs"], 1), 3),
-            "workers": workers,
+            "workers": workers, "batch_shapes": "grouped" if grouped else "free",
             # derived from the data: how often each class's images are drawn (train.repeat_threshold), and the
             # pre-trained backbone's rate as a multiple of train.lr (train.backbone_lr, train.backbone_lr_objects)
             "backbone_lr": backbone_lr,

@@ -1,13 +1,18 @@
 """Images and boxes as torchvision's detection models take them: RGB float tensors, continuous corners
 (the pipeline's inclusive corners plus :data:`rcnn.utils.boxes.INCLUSIVE_SHIFT`), mirrored boxes for a
-flipped image, and padding that keeps an extreme aspect ratio resizable."""
+flipped image, padding that keeps an extreme aspect ratio resizable, and batches padded to a bounded set of
+canvases."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from rcnn.modeling.roi_heads import FEATURE_STRIDE
 from rcnn.utils.boxes import INCLUSIVE_SHIFT
@@ -39,3 +44,40 @@ def to_continuous(boxes: np.ndarray) -> torch.Tensor:
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     """Continuous-corner boxes mirrored for an image of ``width`` pixels flipped left to right."""
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+class CanvasTransform(GeneralizedRCNNTransform):
+    """``GeneralizedRCNNTransform`` that can, for one batch (:meth:`shaped`), resize every image to one given
+    training size and pad the batch to a canvas from a fixed set: the short side to that size (rounded up to
+    ``size_divisible``), the long side to a multiple of ``canvas`` up to ``max_size``'s. For batches of one
+    orientation that is at most ``2 x sizes x ceil(max_size / canvas)`` shapes in a whole run, whatever the
+    images (a batch mixing orientations, the leftovers of an epoch, pads both sides to ``canvas``). Outside
+    :meth:`shaped` it is the torchvision transform unchanged."""
+
+    canvas = 0  # pixels; 0: torchvision's padding to size_divisible on both sides
+
+    @contextlib.contextmanager
+    def shaped(self, size: int, canvas: int) -> Iterator[None]:
+        """Inside, resize to ``size`` (0: the transform's own choice) and pad to canvases of ``canvas`` pixels."""
+        kept = self.min_size, self.canvas
+        self.min_size = (size,) if size else self.min_size
+        self.canvas = canvas
+        try:
+            yield
+        finally:
+            self.min_size, self.canvas = kept
+
+    def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
+        if not self.canvas:
+            return super().batch_images(images, size_divisible)
+        height, width = (max(sides) for sides in zip(*(img.shape[-2:] for img in images)))
+        short = -(-max(self.min_size) // size_divisible) * size_divisible
+        long_side = -(-max(height, width) // self.canvas) * self.canvas
+        if min(height, width) <= short:
+            height, width = (long_side, short) if height >= width else (short, long_side)
+        else:  # landscape and portrait images together
+            height, width = (-(-side // self.canvas) * self.canvas for side in (height, width))
+        batched = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for image, slot in zip(images, batched):
+            slot[:, :image.shape[-2], :image.shape[-1]].copy_(image)
+        return batched

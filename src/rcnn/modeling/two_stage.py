@@ -37,14 +37,13 @@ import torch
 from torch import nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from rcnn.engine.checkpoints import is_int_in, state_payload, write_checkpoint
 from rcnn.engine.device import inference_autocast, seeded_rng, use_channels_last
 from rcnn.evaluation.voc_eval import Detections
 from rcnn.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
 from rcnn.modeling.detector_interface import Detector
-from rcnn.modeling.image_input import image_tensor, pad_to_resizable, to_continuous
+from rcnn.modeling.image_input import CanvasTransform, image_tensor, pad_to_resizable, to_continuous
 from rcnn.modeling.postprocess import postprocess_detections
 from rcnn.modeling.roi_heads import FEATURE_STRIDE, RoIAlignPool, box_predictor
 from rcnn.pipeline.param_checks import allowed
@@ -170,8 +169,7 @@ class RoIDetector(nn.Module, abc.ABC):
             score_thresh=0.0, nms_thresh=1.0, detections_per_img=1)  # post-processing is ours, see module doc
         self.eval_sizes = (image_size,)
         self.train_sizes = tuple(train_sizes) or self.eval_sizes
-        self.transform = GeneralizedRCNNTransform(self.train_sizes, max_size, list(IMAGENET_MEAN),
-                                                  list(IMAGENET_STD))
+        self.transform = CanvasTransform(self.train_sizes, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
         self.train(False)
 
     @classmethod
@@ -194,11 +192,13 @@ class RoIDetector(nn.Module, abc.ABC):
         ``proposals`` are the pipeline's, already resized; ``targets`` are given when losses are wanted."""
 
     def _features(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
-                  targets: list[dict[str, torch.Tensor]] | None = None):
-        """Resize and normalise, run the backbone once; proposals (and targets) scaled to match."""
+                  targets: list[dict[str, torch.Tensor]] | None = None, size: int = 0, canvas: int = 0):
+        """Resize and normalise, run the backbone once; proposals (and targets) scaled to match. ``size`` and
+        ``canvas``: :meth:`CanvasTransform.shaped`'s."""
         images = [pad_to_resizable(img, self.config["max_size"]) for img in images]
         sizes = [tuple(img.shape[-2:]) for img in images]
-        batch, targets = self.transform(images, targets)
+        with self.transform.shaped(size, canvas):
+            batch, targets = self.transform(images, targets)
         scaled = []
         for boxes, (h, w), (nh, nw) in zip(proposals, sizes, batch.image_sizes):
             scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=boxes.dtype, device=boxes.device)
@@ -228,10 +228,11 @@ class RoIDetector(nn.Module, abc.ABC):
         pooled = self.roi_heads.box_roi_pool(features, rois, image_sizes)
         return self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
 
-    def losses(self, images: list[torch.Tensor], proposals: list[torch.Tensor],
-               targets: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """The multi-task loss (the proposer's too) on a fresh RoI sample; also the sampled logits and labels."""
-        batch, features, scaled, targets, _ = self._features(images, proposals, targets)
+    def losses(self, images: list[torch.Tensor], proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+               size: int = 0, canvas: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The multi-task loss (the proposer's too) on a fresh RoI sample; also the sampled logits and labels.
+        ``size``: the batch's training size (0: one drawn per image); ``canvas``: see :class:`CanvasTransform`."""
+        batch, features, scaled, targets, _ = self._features(images, proposals, targets, size, canvas)
         rois, proposer_losses = self.propose(batch, features, scaled, targets)
         rois, _, labels, box_targets = self.roi_heads.select_training_samples(rois, targets)
         logits, deltas = self._head(features, rois, batch.image_sizes)

@@ -163,6 +163,10 @@ class TrainParams:
     # Fast/Faster R-CNN: processes reading and decoding training images beside the step; auto: none on a CPU,
     # half the cores (at most 8) beside a GPU. Never changes the result, only how soon batches are ready.
     workers: int | Literal["auto"] = field(default="auto", metadata=_range(0, 64))
+    # Fast/Faster R-CNN: "grouped" batches hold images of one orientation at one training size, padded to a few
+    # canvases (bounded batch shapes, cudnn.benchmark on CUDA); "free" pairs any images, each at its own size;
+    # auto: grouped on CUDA, free elsewhere
+    batch_shapes: Literal["auto", "grouped", "free"] = "auto"
 
 
 @dataclass(frozen=True)
