@@ -82,7 +82,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     assert plain["resumed_from_epoch"] is None and not (tmp_path / "resume").exists()  # cleared after success
 
     # Interrupted in epoch 2's validation: epoch 1 was saved; nothing of the stage's outputs is written.
-    _interrupt_at(monkeypatch, two_stage_trainer, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, two_stage_trainer, "validate", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").rglob("*.pt"))
@@ -94,7 +94,7 @@ def test_a_killed_fast_rcnn_training_resumes_to_the_same_bytes(boxes_inputs, syn
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "plain")
 
     # Another learning rate: a new key, so the saved epoch of the old one is never used (and is deleted).
-    _interrupt_at(monkeypatch, two_stage_trainer, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, two_stage_trainer, "validate", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "lr")
     monkeypatch.undo()
@@ -206,7 +206,7 @@ def test_a_killed_float16_training_resumes_its_gradient_scale_and_grouped_batche
 
     plain = train(tmp_path / "plain")
     assert plain["batch_shapes"] == "grouped" and scales[-1].get_scale() != 2.0 ** 24  # the scale moved
-    _interrupt_at(monkeypatch, two_stage_trainer, "validation_ap", call=2)
+    _interrupt_at(monkeypatch, two_stage_trainer, "validate", call=2)
     with pytest.raises(_Interrupt):
         train(tmp_path / "resumed")
     monkeypatch.undo()

@@ -15,9 +15,11 @@ from rcnn.data import voc
 from rcnn.engine.device import training_scaler
 from rcnn.engine.two_stage_batches import (BatchLoader, grouped_batches, in_order_plan, loader_workers,
                                            training_examples, training_plan)
-from rcnn.engine.two_stage_trainer import CANVAS, DIVERGENCE_CHECK_STEPS, _Meter, train_epoch
-from rcnn.families.faster_rcnn.model import build_faster_rcnn
+from rcnn.engine.two_stage_trainer import DIVERGENCE_CHECK_STEPS, _Meter, train_epoch, validate
+from rcnn.evaluation.validation import labelled_split_ap
+from rcnn.families.faster_rcnn.model import FasterRCNNDetector, build_faster_rcnn
 from rcnn.modeling.image_input import CanvasTransform
+from rcnn.modeling.postprocess import postprocess_settings
 from rcnn.pipeline.family_registry import run_regions_stage, run_train_stage
 from rcnn.pipeline.params import Params, from_dict
 from rcnn.proposals.region_boxes import BOXES_FILE, load_boxes
@@ -215,3 +217,32 @@ def test_a_float16_step_with_the_scaler_learns_and_skips_overflowing_steps(regio
     assert np.isfinite(meter.result()["loss"])
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert changed  # the steps that did not overflow updated the weights
+
+
+def test_validation_scores_ap_as_the_evaluate_stage_does_from_the_same_backbone_pass_as_its_loss(
+        regions: Path, synthetic_voc: Path):
+    params = _params(synthetic_voc)
+    examples = _examples(regions, synthetic_voc)[:6]
+    torch.manual_seed(0)
+    model = build_faster_rcnn(params, 0.5, 0.3)
+    calls = []
+    real = model._features
+    with mock.patch.object(model, "_features", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        meter, ap = validate(model, FasterRCNNDetector, examples, params, CPU)
+    assert len(calls) == len(examples)  # one backbone pass per image, for the loss and the AP together
+    detector = FasterRCNNDetector(model.eval(), {"classes": list(params.classes)}, CPU, **postprocess_settings(params))
+    alone = labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples],
+                              params.evaluate.max_proposals, with_proposal_recall=True)
+    assert ap == alone  # what the evaluate stage's scoring gives, to the bit
+    again, _ = validate(model, FasterRCNNDetector, examples, params, CPU)
+    assert again.result() == meter.result() and meter.steps == len(examples)  # the same RoI sample every epoch
+
+
+def test_the_batch_shapes_bench_counts_fewer_shapes_for_grouped_batches():
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from batch_shapes import count_shapes
+    rng = np.random.default_rng(2)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(240, 640, size=(30, 2))]
+    free, grouped = count_shapes(sizes, False, epochs=2), count_shapes(sizes, True, epochs=2)
+    assert 0 < grouped <= 2 * 3 * 7 + 3 and 2 * grouped < free  # 2 orientations x 3 sizes x 7 long sides

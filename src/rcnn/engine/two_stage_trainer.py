@@ -10,8 +10,8 @@ least ``train.min_steps`` steps: a new head needs a number of *steps*, not of pa
 foreground (11 VOC photos, 20 classes: 144 steps learned background only, 1,200 fitted them).
 Optimiser and schedule come from :mod:`rcnn.engine.optim` (SGD with warm-up and decay is the Fast R-CNN
 recipe). After each epoch (from the one ``train.val_start`` sets on) the model is scored on the
-validation split twice: the multi-task loss on a fixed RoI sample, and detection AP with the evaluate
-stage's settings, the number that matters; the best epoch by validation AP (then loss) is kept, with
+validation split, one backbone pass per image serving both the multi-task loss on a fixed RoI sample and
+detection AP with the evaluate stage's settings, the number that matters; the best epoch by validation AP (then loss) is kept, with
 early stopping after ``train.patience`` scored epochs without improvement. Curves go to dvclive as for R-CNN. The chosen model
 is then scored on its own training images, per class (:mod:`rcnn.evaluation.class_accuracy`): one that
 learned no foreground is an error, not a checkpoint.
@@ -34,12 +34,14 @@ from rcnn.engine.device import (inference_autocast, seeded_rng, select_device, t
                                 tune_for_bounded_shapes)
 from rcnn.engine.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
-from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, grouped_batches, in_order_plan, loader_workers,
-                                           orientation_groups, repeat_factors, to_device, training_examples,
+from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, grouped_batches, in_order_plan, load_example,
+                                           loader_workers, orientation_groups, repeat_factors, to_device, training_examples,
                                            training_plan)
 from rcnn.evaluation.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
                                             with_weights_advice)
-from rcnn.evaluation.validation import labelled_split_ap, scored_regions_recall, warn_if_unscorable
+from rcnn.evaluation.validation import scored_regions_recall, split_ap, warn_if_unscorable
+from rcnn.evaluation.voc_eval import Detections
+from rcnn.modeling.image_input import to_continuous
 from rcnn.modeling.postprocess import postprocess_settings
 from rcnn.modeling.two_stage import RoIDetection, RoIDetector, save_roi_detector
 from rcnn.pipeline.params import Params, TrainParams
@@ -129,8 +131,7 @@ def train_epoch(model: RoIDetector, batches: Iterable[Batch], optimizer: torch.o
 def roi_meter(model: RoIDetector, loader: BatchLoader, num_examples: int, images_per_batch: int,
               device: torch.device) -> _Meter:
     """Loss and RoI classification of ``model`` (eval mode) on the examples of ``loader``, with the same RoI
-    sample every time: the validation numbers of every epoch, and the trained model's accuracy on its training
-    images."""
+    sample every time: the trained model's accuracy on its own training images."""
     model.eval()
     meter = _Meter(model.config["num_classes"] + 1, device)
     with seeded_rng(VAL_SAMPLE_SEED), torch.inference_mode(), inference_autocast(device):
@@ -140,13 +141,34 @@ def roi_meter(model: RoIDetector, loader: BatchLoader, num_examples: int, images
     return meter
 
 
-def validation_ap(model: RoIDetector, detector_cls: type[RoIDetection], examples: list[Example], params: Params,
-                  device: torch.device) -> dict:
-    """Detection AP on the validation images, scored as the evaluate stage scores (its post-processing and
-    its ``evaluate.max_proposals``), with the per-class recall of the regions it scored."""
-    detector = detector_cls(model.eval(), {"classes": list(params.classes)}, device, **postprocess_settings(params))
-    return labelled_split_ap(detector, [ex.path for ex in examples], [ex.boxes for ex in examples],
-                             params.evaluate.max_proposals, with_proposal_recall=True)
+def validate(model: RoIDetector, detector_cls: type[RoIDetection], examples: list[Example], params: Params,
+             device: torch.device) -> tuple[_Meter, dict]:
+    """One epoch's validation numbers from one backbone pass per image: the loss and RoI accuracy on the same
+    RoI sample every epoch, and detection AP scored as the evaluate stage scores (its post-processing and its
+    ``evaluate.max_proposals``, one image at a time), with the per-class recall of the regions it scored. An
+    unreadable image counts with no detections (training warned about it)."""
+    model.eval()
+    detector = detector_cls(model, {"classes": list(params.classes)}, device, **postprocess_settings(params))
+    meter = _Meter(model.config["num_classes"] + 1, device)
+    found, rois = {}, []
+    with seeded_rng(VAL_SAMPLE_SEED), torch.inference_mode(), inference_autocast(device):
+        for example in examples:
+            loaded = load_example(example, flip=False)
+            if loaded is None:
+                rois.append(np.zeros((0, 4), np.float32))
+                continue
+            image, proposals, target, _ = to_device((*([x] for x in loaded), 0), device)
+            ranked = example.boxes.proposals[:params.evaluate.max_proposals]
+            if detector.takes_proposals and not len(ranked):  # as RoIDetection.detect: nothing to score
+                meter.add(*model.losses(image, proposals, target))
+                found[example.boxes.image_id], detector.last_rois = Detections.empty(), ranked
+            else:
+                losses, scored = model.score_with_losses(image[0], proposals[0], target[0],
+                                                         to_continuous(ranked).to(device))
+                meter.add(*losses)
+                found[example.boxes.image_id] = detector.finish(scored, tuple(image[0].shape[-2:]))
+            rois.append(detector.last_rois)
+    return meter, split_ap(found, rois, [ex.boxes for ex in examples], params.classes, with_proposal_recall=True)
 
 
 def training_proposal_recall(model: RoIDetector, detector_cls: type[RoIDetection], examples: list[Example],
@@ -177,7 +199,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     steps = steps_per_epoch(len(train), t)
     scheduler = build_scheduler(optimizer, steps, t)
     workers = loader_workers(t.workers, device)
-    train_loader, val_loader = BatchLoader(train, workers, device), BatchLoader(val, workers, device)
+    train_loader = BatchLoader(train, workers, device)
     grouped = grouped_batches(t.batch_shapes, device)
     groups, canvas = (orientation_groups(train), CANVAS) if grouped else (None, 0)
     if grouped:
@@ -214,8 +236,8 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
             live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
         if epoch >= first_validated_epoch(t):
             validation_start = time.perf_counter()
-            val_meter = roi_meter(model, val_loader, len(val), t.images_per_batch, device)
-            val_m = {**val_meter.result(), **validation_ap(model, detector_cls, val, params, device)}
+            val_meter, val_ap = validate(model, detector_cls, val, params, device)
+            val_m = {**val_meter.result(), **val_ap}
             timing["validation_seconds"] += time.perf_counter() - validation_start
             timing["validated_epochs"] += 1
             if live is not None:

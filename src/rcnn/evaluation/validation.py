@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from rcnn.data import voc
-from rcnn.evaluation.voc_eval import evaluate_detections
+from rcnn.evaluation.voc_eval import Detections, evaluate_detections
 from rcnn.modeling.detector_interface import Detector
 from rcnn.proposals.region_boxes import ImageBoxes
 from rcnn.proposals.selective_search import proposal_recall
@@ -34,10 +34,17 @@ def labelled_split_ap(detector: Detector, paths: Sequence[Path], items: Sequence
             rois.append(np.zeros((0, 4), np.float32))
             continue
         rois.append(detector.last_rois if detector.last_rois is not None else item.proposals[:max_proposals])
-    result = evaluate_detections(found, [item.annotation() for item in items], detector.classes)
+    return split_ap(found, rois, items, detector.classes, with_proposal_recall)
+
+
+def split_ap(found: dict[str, Detections], rois: Sequence[np.ndarray], items: Sequence[ImageBoxes],
+             classes: Sequence[str], with_proposal_recall: bool = False) -> dict:
+    """``map`` and ``map07`` of the detections ``found`` (by image id) against the items' ground truth, and with
+    ``with_proposal_recall`` the per-class recall of the scored regions ``rois`` (one array per item)."""
+    result = evaluate_detections(found, [item.annotation() for item in items], classes)
     out: dict = {"map": _finite(result.map), "map07": _finite(result.map07)}
     if with_proposal_recall:
-        out["proposal_recall"] = items_proposal_recall(items, rois, detector.classes)
+        out["proposal_recall"] = items_proposal_recall(items, rois, classes)
     return out
 
 

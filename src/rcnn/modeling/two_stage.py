@@ -199,10 +199,7 @@ class RoIDetector(nn.Module, abc.ABC):
         sizes = [tuple(img.shape[-2:]) for img in images]
         with self.transform.shaped(size, canvas):
             batch, targets = self.transform(images, targets)
-        scaled = []
-        for boxes, (h, w), (nh, nw) in zip(proposals, sizes, batch.image_sizes):
-            scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=boxes.dtype, device=boxes.device)
-            scaled.append(boxes * scale)
+        scaled = [_resized(boxes, old, new) for boxes, old, new in zip(proposals, sizes, batch.image_sizes)]
         x = batch.tensors
         if use_channels_last(x.device):
             x = x.contiguous(memory_format=torch.channels_last)
@@ -233,23 +230,45 @@ class RoIDetector(nn.Module, abc.ABC):
         """The multi-task loss (the proposer's too) on a fresh RoI sample; also the sampled logits and labels.
         ``size``: the batch's training size (0: one drawn per image); ``canvas``: see :class:`CanvasTransform`."""
         batch, features, scaled, targets, _ = self._features(images, proposals, targets, size, canvas)
-        rois, proposer_losses = self.propose(batch, features, scaled, targets)
+        return self._losses(batch, features, scaled, targets)
+
+    def score(self, image: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Softmax scores ``(N, C+1)``, per-class boxes ``(N, C+1, 4)`` and the ``N`` RoIs they came from
+        ``(N, 4)``, all in original pixels, continuous corners."""
+        batch, features, scaled, _, sizes = self._features([image], [proposals])
+        return self._scores(batch, features, scaled, sizes[0])
+
+    def score_with_losses(self, image: torch.Tensor, proposals: torch.Tensor, target: dict[str, torch.Tensor],
+                          scored_proposals: torch.Tensor) -> tuple[tuple, tuple]:
+        """``losses([image], [proposals], [target])`` and ``score(image, scored_proposals)`` from one backbone
+        pass (validation: its loss on a RoI sample of the labelled proposals, its AP on the ranked ones)."""
+        batch, features, scaled, targets, sizes = self._features([image], [proposals], [target])
+        scored = [_resized(scored_proposals, sizes[0], batch.image_sizes[0])]
+        return self._losses(batch, features, scaled, targets), self._scores(batch, features, scored, sizes[0])
+
+    def _losses(self, batch: ImageList, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                targets: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        rois, proposer_losses = self.propose(batch, features, proposals, targets)
         rois, _, labels, box_targets = self.roi_heads.select_training_samples(rois, targets)
         logits, deltas = self._head(features, rois, batch.image_sizes)
         loss_cls, loss_box = fastrcnn_loss(logits.float(), deltas.float(), labels, box_targets)
         return ({**proposer_losses, "loss_classifier": loss_cls, "loss_box_reg": loss_box}, logits.detach(),
                 torch.cat(labels))
 
-    def score(self, image: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Softmax scores ``(N, C+1)``, per-class boxes ``(N, C+1, 4)`` and the ``N`` RoIs they came from
-        ``(N, 4)``, all in original pixels, continuous corners."""
-        batch, features, scaled, _, sizes = self._features([image], [proposals])
-        rois, _ = self.propose(batch, features, scaled, None)
+    def _scores(self, batch: ImageList, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rois, _ = self.propose(batch, features, proposals, None)
         logits, deltas = self._head(features, rois, batch.image_sizes)
         boxes = self.roi_heads.box_coder.decode(deltas.float(), [r.float() for r in rois])  # (N, C+1, 4), resized
-        (nh, nw), (h, w) = batch.image_sizes[0], sizes[0]
+        (nh, nw), (h, w) = batch.image_sizes[0], size
         scale = torch.tensor([w / nw, h / nh, w / nw, h / nh], dtype=boxes.dtype, device=boxes.device)
         return torch.softmax(logits.float(), dim=1), boxes * scale, rois[0].float() * scale
+
+
+def _resized(boxes: torch.Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:
+    """Boxes of an image of ``size`` (h, w) in the pixels of its resized ``new_size``."""
+    (h, w), (nh, nw) = size, new_size
+    return boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=boxes.dtype, device=boxes.device)
 
 
 def detector_kwargs(params: Params, fg_iou: float, bg_iou: float) -> dict[str, Any]:
@@ -325,12 +344,18 @@ class RoIDetection(Detector):
         self.timings.crops += time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode(), inference_autocast(self.device):
-            probs, boxes, scored = self.model.score(image, rois)
-        probs, boxes = probs.cpu().numpy(), boxes.cpu().numpy() - INCLUSIVE_SHIFT
-        self.last_rois = scored.cpu().numpy() - INCLUSIVE_SHIFT
+            scored = self.model.score(image, rois)
         self.timings.cnn += time.perf_counter() - start
+        return self.finish(scored, image_bgr.shape[:2])
+
+    def finish(self, scored: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: tuple[int, int]) -> Detections:
+        """The detections of :meth:`RoIDetector.score`'s output for an image of ``size`` (h, w): boxes clipped,
+        class-wise NMS; the scored RoIs kept in ``last_rois``."""
         start = time.perf_counter()
-        height, width = image_bgr.shape[:2]
+        probs, boxes, rois = (x.cpu().numpy() for x in scored)
+        boxes = boxes - INCLUSIVE_SHIFT
+        self.last_rois = rois - INCLUSIVE_SHIFT
+        height, width = size
         boxes = clip_boxes(boxes.reshape(-1, 4), width, height).reshape(boxes.shape)
         out = postprocess_detections(boxes, probs, self.score_threshold, self.nms_iou, self.max_detections)
         self.timings.postprocess += time.perf_counter() - start
