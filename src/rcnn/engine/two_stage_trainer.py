@@ -157,16 +157,16 @@ def validate(model: RoIDetector, detector_cls: type[RoIDetection], examples: lis
             if loaded is None:
                 rois.append(np.zeros((0, 4), np.float32))
                 continue
-            image, proposals, target, _ = to_device((*([x] for x in loaded), 0), device)
+            image, proposals, target = loaded
+            (image,), (proposals,), (target,), _ = to_device(([image], [proposals], [target], 0), device)
             ranked = example.boxes.proposals[:params.evaluate.max_proposals]
             if detector.takes_proposals and not len(ranked):  # as RoIDetection.detect: nothing to score
-                meter.add(*model.losses(image, proposals, target))
+                meter.add(*model.losses([image], [proposals], [target]))
                 found[example.boxes.image_id], detector.last_rois = Detections.empty(), ranked
             else:
-                losses, scored = model.score_with_losses(image[0], proposals[0], target[0],
-                                                         to_continuous(ranked).to(device))
+                losses, scored = model.score_with_losses(image, proposals, target, to_continuous(ranked).to(device))
                 meter.add(*losses)
-                found[example.boxes.image_id] = detector.finish(scored, tuple(image[0].shape[-2:]))
+                found[example.boxes.image_id] = detector.finish(scored, tuple(image.shape[-2:]))
             rois.append(detector.last_rois)
     return meter, split_ap(found, rois, [ex.boxes for ex in examples], params.classes, with_proposal_recall=True)
 
