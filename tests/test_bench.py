@@ -107,6 +107,26 @@ def test_families_bench_compares_the_families_with_the_stock_peer(tmp_path, synt
     assert len(table) == 4 and table[0].startswith("| detector | AP07 | AP |")
 
 
+def test_families_bench_reuses_a_seeds_proposals_for_the_next_seeds(tmp_path, synthetic_voc):
+    out = tmp_path / "families"
+    tiny = ["model.trainable_layers=1", "model.image_size=96", "model.max_size=128", "train.image_sizes=[96]",
+            "model.roi_channels=8", "model.roi_size=3", "model.hidden=16", "train.epochs=1", "train.warmup_epochs=0",
+            "train.min_steps=0", "train.val_start=0",
+            "proposals.max_proposals=50", "evaluate.max_proposals=50", "train.allow_collapse=true",
+            "model.require_weights=false", "proposals.mode=fast", "proposals.eval_mode=fast", "data.max_images=12"]
+    proc = subprocess.run([sys.executable, str(FAMILIES), str(synthetic_voc), "--classes", "car", "dog", "person",
+                           "--backbone", "resnet18", "--weights", "none", "--split", "test", "--presets", "fast-rcnn",
+                           "--skip-peer", "--seeds", "2", "--set", *tiny, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = json.loads((out / "results.json").read_text())["rows"]["fast-rcnn"]["runs"]
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert first["restored"] == [] and second["restored"] == ["download", "proposals"]
+    for stage in ("download", "proposals"):  # the first seed's, as DVC's cache restores them
+        assert second["stage_seconds"][stage] == first["stage_seconds"][stage]
+    assert second["proposal_recall"] == first["proposal_recall"]  # the same selective-search boxes scored
+
+
 def _bench_module(name: str):  # noqa: ANN202 - a module
     sys.path.insert(0, str(FAMILIES.parent))
     try:
