@@ -48,10 +48,7 @@ FAST_RCNN = {
     # Issue 20: RoIs pooled from a stride-16 map and selective search's quality mode, for small objects
     # (bccd test AP07 0.748 -> 0.803; kangaroo and the 11 VOC photos: within noise).
     "model.feature_stride": 16, "proposals.mode": "quality", "proposals.eval_mode": "quality",
-    "proposals.max_side": 300, "regions.fg_iou": 0.5,
-    # Issue 35: RoIs overlapping an object by 0.3-0.5 are ignored, not taught as background (chosen on neu-few
-    # validation, fast-rcnn val AP07 0.339 -> 0.382): on a texture class such a near miss looks like the object.
-    "regions.bg_iou": 0.3,
+    "proposals.max_side": 300, "regions.fg_iou": 0.5, "regions.bg_iou": 0.5,
     "train.optimizer": "sgd", "train.lr": 0.005, "train.momentum": 0.9, "train.weight_decay": 0.0005,
     "train.schedule": "cosine", "train.warmup_epochs": 1, "train.epochs": 24, "train.patience": 24,
     "train.min_steps": 960,  # kangaroo makes 984; 11 photos made 144 and collapsed to background
@@ -73,9 +70,7 @@ FAST_RCNN = {
 # (on neu-few only with the slower backbone: val AP07 0.083 -> 0.082 alone, 0.240 with backbone_lr 0.1).
 FASTER_RCNN = {**{key: value for key, value in FAST_RCNN.items()
                   if not key.startswith("proposals.") and key not in ("evaluate.max_proposals", "train.val_start")},
-               "model.arch": "faster_rcnn",
-               # not fast-rcnn's ignored 0.3-0.5 band: on neu-few validation it cost Faster R-CNN 0.308 -> 0.278
-               "regions.bg_iou": 0.5}
+               "model.arch": "faster_rcnn"}
 
 PRESETS: dict[str, tuple[str, dict[str, object]]] = {
     "fast-cpu": ("MobileNetV2, 160-px crops, selective search on 300-px copies: R-CNN in minutes on a CPU",
