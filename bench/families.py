@@ -7,7 +7,8 @@ torchvision's stock Faster R-CNN with the same backbone and weights, all scored 
 
 Each preset runs the whole pipeline in a temporary folder (download from the local folder,
 proposals, regions, features, train, evaluate: the stage functions ``dvc repro`` calls) and
-reports AP07, AP (mean ± sd over ``--seeds`` full runs, seeds 0..N-1, with each run's 95% bootstrap
+reports AP07, AP (mean ± sd over ``--seeds`` full runs, seeds 0..N-1, the later seeds with the first one's
+download and proposals, with each run's 95% bootstrap
 interval over the test images), training seconds, detection seconds per image without and with selective
 search, and whole-pipeline seconds. The stock peer (``bench/stock_peer.py``) trains on the same train split
 with the ``fast-rcnn`` preset's params (and ``--set``): the same backbone units trained, sizes, schedule
