@@ -50,11 +50,16 @@ from rcnn.utils.errors import run_cli
 from rcnn.utils.fileio import atomic_path, write_json
 
 
-def pipeline(params: Params, work: Path, earlier: Path | None = None) -> dict[str, Any]:
+# The stages that do not read the seed and that a later seed copies from the first (DVC's cache restores them).
+SEED_FREE_STAGES = ("download", "proposals")
+
+
+def pipeline(params: Params, work: Path, earlier: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every stage of the pipeline in ``work``, timed; returns the row of the results table. With ``earlier``
-    (the work folder of another seed of the same configuration) its download and proposals are copied instead
-    of recomputed, as ``dvc exp run -S seed=K`` restores them from the cache: neither stage reads the seed, and
-    selective search is most of a run's time on a large test split. Their seconds are then the earlier run's."""
+    (the work folder and row of another seed of the same configuration) its download and proposals are copied
+    instead of recomputed, as ``dvc exp run -S seed=K`` restores them from the cache: neither stage reads the
+    seed, and selective search is most of a run's time on a large test split. Their seconds are then the earlier
+    run's."""
     seconds: dict[str, float] = {}
 
     def stage(name: str, fn) -> Any:  # noqa: ANN001
@@ -65,12 +70,12 @@ def pipeline(params: Params, work: Path, earlier: Path | None = None) -> dict[st
 
     d = work / "data"
     if earlier is not None:
+        earlier_work, earlier_row = earlier
         for folder in ("voc", "proposals"):
-            shutil.copytree(earlier / "data" / folder, d / folder, symlinks=True)
-        shutil.copy2(earlier / "proposals.json", work / "proposals.json")
+            shutil.copytree(earlier_work / "data" / folder, d / folder, symlinks=True)
+        shutil.copy2(earlier_work / "proposals.json", work / "proposals.json")
         props = json.loads((work / "proposals.json").read_text())
-        seconds.update({name: json.loads((earlier / "row.json").read_text())["stage_seconds"][name]
-                        for name in ("download", "proposals")})
+        seconds.update({name: earlier_row["stage_seconds"][name] for name in SEED_FREE_STAGES})
     else:
         stage("download", lambda: download.prepare_voc(params.data, d / "voc", d / ".downloads"))
         props = stage("proposals", lambda: run_proposals_stage(params, d / "voc", d / "proposals",
@@ -89,7 +94,7 @@ def pipeline(params: Params, work: Path, earlier: Path | None = None) -> dict[st
         search = int(props.get("n_jobs", 1)) / eval_file["images_per_second"]
     detect = result["seconds_per_image"]
     trained = json.loads((work / "train.json").read_text())
-    row = {"map07": result["map07"], "map": result["map"], "map07_ci95": result["map07_ci95"],
+    return {"map07": result["map07"], "map": result["map"], "map07_ci95": result["map07_ci95"],
             "map_ci95": result["map_ci95"], "ap07": result["ap07"], "seed": params.seed,
             # the numbers a configuration is chosen by: the best epoch's, on the validation split
             "best_epoch": trained.get("best_epoch"), "val_map07": trained.get("val_map07"),
@@ -98,9 +103,7 @@ def pipeline(params: Params, work: Path, earlier: Path | None = None) -> dict[st
             "detect_s_per_image": detect, "search_s_per_image": round(search, 4),
             "detect_with_search_s_per_image": round(detect + search, 4),
             "pipeline_seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds,
-            "proposal_recall": result["proposal_recall"], "restored": ["download", "proposals"] if earlier else []}
-    write_json(work / "row.json", row)
-    return row
+            "proposal_recall": result["proposal_recall"], "restored": list(SEED_FREE_STAGES) if earlier else []}
 
 
 SECONDS_KEYS = ("train_seconds", "detect_s_per_image", "search_s_per_image", "detect_with_search_s_per_image",
@@ -211,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 work.mkdir(parents=True)
                 first_work = first_work or work
                 params = from_dict(dataset_params(args, name.split("+"), {"seed": seed}))  # paths resolved here
+                earlier = (Path(tmp) / name / "seed-0", runs[0]) if runs else None
                 with contextlib.chdir(work):
-                    runs.append(pipeline(params, work, Path(tmp) / name / "seed-0" if seed else None))
+                    runs.append(pipeline(params, work, earlier))
             rows[name] = seed_summary(runs)
         if not args.skip_peer:
             if first_work is None:  # the peer needs the data in place
