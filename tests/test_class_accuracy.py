@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from rcnn.engine.device import precision_name
 from rcnn.evaluation.class_accuracy import ClassTally, check_trained, check_training_objects, objects_per_class
 from rcnn.families.fast_rcnn import model as fast_rcnn_family
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
@@ -115,7 +116,9 @@ def test_multiclass_fast_rcnn_saves_a_model_with_an_unlearned_class_and_says_whi
     # slowly here, by how much depends on the CPU's precision (0.04 in float32 on an AMD EPYC, over 0.1 in bfloat16).
     assert stored["train_fg_accuracy"]["car"] > 0.2 and stored["train_fg_accuracy"]["person"] > 0, stored
     assert set(stored["val_fg_accuracy"]) <= set(CLASSES) and 0 < stored["val_fg_accuracy_overall"] <= 1
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["meta"]["unlearned_classes"] == ["dog"]
+    meta = torch.load(tmp_path / "model.pt", weights_only=True)["meta"]
+    assert meta["unlearned_classes"] == ["dog"]
+    assert meta["precision"] == precision_name(torch.device("cpu"))  # what its validation AP was scored in
 
 
 def test_fast_rcnn_forced_to_background_is_one_error_and_no_model(multiclass_boxes, tmp_path: Path,

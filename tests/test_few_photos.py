@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from rcnn.data import voc
+from rcnn.engine import device as device_module
+from rcnn.engine.device import precision_name
 from rcnn.engine.optim import backbone_rate, build_optimizer
 from rcnn.engine.two_stage_batches import Example, repeat_factors, training_order
 from rcnn.engine.two_stage_trainer import init_class_prior
@@ -110,6 +113,23 @@ def test_a_cosine_checkpoint_round_trips_and_older_ones_load_as_softmax(tmp_path
         del payload["meta"]["config"][key]
     torch.save(payload, tmp_path / "old.pt")
     assert load_detector(tmp_path / "old.pt", "cpu").model.config["classifier"] == "softmax"
+
+
+def test_a_checkpoint_records_its_precision_and_warns_when_scored_in_another(tmp_path: Path, monkeypatch):
+    params, model = _cosine_model()
+    validated = precision_name(torch.device("cpu"))
+    save_roi_detector(tmp_path / "m.pt", model.eval(), params, {"precision": validated})
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["meta"]["precision"]  # written before checkpoints recorded it
+    torch.save(payload, tmp_path / "old.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_detector(tmp_path / "m.pt", "cpu")  # scored as validated: silent
+        load_detector(tmp_path / "old.pt", "cpu")  # unknown: silent
+    other = "float32" if validated != "float32" else "bfloat16"
+    monkeypatch.setattr(device_module, "precision_name", lambda device: other)
+    with pytest.warns(RuntimeWarning, match=f"validated in {validated} and is scored in {other} here"):
+        assert load_detector(tmp_path / "m.pt", "cpu").model.config["classifier"] == "cosine"
 
 
 @pytest.mark.parametrize("raw, message", [

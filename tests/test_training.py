@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from rcnn.engine.device import precision_name
 from rcnn.families.rcnn import features, training
 from rcnn.families.rcnn import regions
 from rcnn.families.rcnn.model import build_model, load_checkpoint, preprocess
@@ -90,6 +91,7 @@ def test_head_training_learns_the_classes_and_is_reproducible(regions_dir, featu
     model, meta = load_checkpoint(tmp_path / "a" / "model.pt")
     assert meta["classes"] == CLASSES and meta["crop_size"] == 64 and meta["bbox_regressor"] is None
     assert meta["params"]["train"]["lr"] == 1e-3
+    assert meta["precision"] == precision_name(torch.device("cpu"))  # loading it elsewhere warns (test_few_photos)
     val = features.load_features(features_dir, "val")
     with torch.inference_mode():
         logits = model.classify_features(torch.from_numpy(val["features"]))

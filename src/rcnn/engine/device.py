@@ -44,14 +44,24 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     CUDA GPUs without bf16 (their tensor cores; training scales its gradients, :func:`training_scaler`), else
     float32.
 
-    Measured on a CPU with AVX512-BF16: 2-4x the fp32 throughput of the backbone, features within
-    1% (relative to their largest value); CPUs without native bf16 would be slower, so they stay fp32.
+    Measured on a CPU with AVX512-BF16: 2-4x the fp32 throughput of the backbone; CPUs without native bf16
+    would be slower, so they stay fp32. The features are not the same: MobileNetV2's last map differs from
+    float32's by 15-30% (relative L2; cosine 0.95-0.99), most of it from rounding the input of block 2, whose
+    BatchNorm cancels it. Trained either way the models score alike (neu-few, docs/few-photos.md), but a model
+    scored in another precision than it was validated in moves by a few points, hence :func:`precision_name`
+    in every checkpoint.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def precision_name(device: torch.device) -> str:
+    """The dtype detection computes in on ``device`` (``bfloat16``, ``float16`` or ``float32``), as checkpoints
+    record it."""
+    return str(inference_dtype(device)).removeprefix("torch.")
 
 
 def training_scaler(device: torch.device) -> torch.amp.GradScaler:

@@ -30,7 +30,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn.data import voc
-from rcnn.engine.device import (inference_autocast, seeded_rng, select_device, training_scaler,
+from rcnn.engine.device import (inference_autocast, precision_name, seeded_rng, select_device, training_scaler,
                                 tune_for_bounded_shapes)
 from rcnn.engine.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
@@ -317,8 +317,9 @@ def run_train_stage(params: Params, build: Callable[[Params, float, float], RoID
     point = open_resume_point(resume_dir, params, [regions_dir], voc_dir)
     with stage_live(live_dir, point) as live:  # the curves land only with the model they describe
         summary = fit(model, detector_cls, train, val, params, device, live, point)
-        save_roi_detector(model_path, model.cpu(), params, {"best_epoch": summary["best_epoch"], "unlearned_classes":
-                                                            [c["class"] for c in summary["unlearned_classes"]]})
+        save_roi_detector(model_path, model.cpu(), params, {
+            "best_epoch": summary["best_epoch"], "unlearned_classes": [c["class"] for c in summary["unlearned_classes"]],
+            "precision": precision_name(device)})  # what validation scored in: loading elsewhere warns
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
         write_json(metrics_path, metrics)
     if point is not None:

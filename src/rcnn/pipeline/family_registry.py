@@ -10,6 +10,7 @@ code of what it runs.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -92,8 +93,14 @@ def run_train_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
 def load_detector(path: str | Path, device: str = "auto", **settings: float):  # noqa: ANN201 - a Detector
     """A detector for the checkpoint at ``path``, of whichever family the checkpoint says it is."""
     from rcnn.engine.checkpoints import checkpoint_arch, read_checkpoint  # torch only where detection runs
-    from rcnn.engine.device import select_device
+    from rcnn.engine.device import precision_name, select_device
 
     payload = read_checkpoint(path)
     detector_cls = _resolve(family(checkpoint_arch(payload, path, FAMILIES)).detector)
-    return detector_cls.from_payload(payload, path, select_device(device), **settings)
+    chosen = select_device(device)
+    validated, here = payload["meta"].get("precision"), precision_name(chosen)
+    if isinstance(validated, str) and validated != here:
+        warnings.warn(f"checkpoint {path} was validated in {validated} and is scored in {here} here: its AP can "
+                      f"differ from its validation figure by a few points (docs/stages.md)", RuntimeWarning,
+                      stacklevel=2)
+    return detector_cls.from_payload(payload, path, chosen, **settings)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rcnn.data import voc
-from rcnn.engine.device import select_device
+from rcnn.engine.device import precision_name, select_device
 from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.evaluation.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
@@ -348,7 +348,7 @@ def run_train_stage(params: Params, features_dir: str | Path = "data/features",
         meta = {"classes": list(params.classes), "crop_size": index["crop_size"], "context": index["context"],
                 "params": to_dict(params), "weights": m.weights, "bbox_regressor": regressor,
                 "classifier": classifier["classifier"], "svm": svm, "best_epoch": summary["best_epoch"],
-                "unlearned_classes": [c["class"] for c in unlearned]}
+                "unlearned_classes": [c["class"] for c in unlearned], "precision": precision_name(device)}
         save_checkpoint(model_path, model.cpu(), meta)
         metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in {**summary, **extra}.items()}
         metrics["final_classifier"] = classifier
