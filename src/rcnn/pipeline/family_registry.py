@@ -91,7 +91,8 @@ def run_train_stage(params: Params, *args: Any, **kwargs: Any) -> dict:
 
 
 def load_detector(path: str | Path, device: str = "auto", **settings: float):  # noqa: ANN201 - a Detector
-    """A detector for the checkpoint at ``path``, of whichever family the checkpoint says it is."""
+    """A detector for the checkpoint at ``path``, of whichever family the checkpoint says it is; a warning where
+    it would compute in another precision than its validation did (the AP then moves, docs/stages.md)."""
     from rcnn.engine.checkpoints import checkpoint_arch, read_checkpoint  # torch only where detection runs
     from rcnn.engine.device import precision_name, select_device
 
