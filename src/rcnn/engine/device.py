@@ -48,8 +48,8 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     would be slower, so they stay fp32. The features are not the same: MobileNetV2's last map differs from
     float32's by 15-30% (relative L2; cosine 0.95-0.99), most of it from rounding the input of block 2, whose
     BatchNorm cancels it. Trained either way the models score alike (neu-few, docs/few-photos.md), but a model
-    scored in another precision than it was validated in moves by a few points, hence :func:`precision_name`
-    in every checkpoint.
+    scored in another precision than it was validated in moves by a few points, so every checkpoint records its
+    :func:`precision_name`.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
