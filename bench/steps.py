@@ -188,7 +188,7 @@ def peer(params: Params, root: Path, plan: list[list[PlanItem]], ids: list[str],
 
     def step(batches: list[list[PlanItem]]) -> None:
         for batch in batches:
-            order, flips = np.array([item.index for item in batch]), np.array([item.flip for item in batch])
+            order, flips = np.array([item.index for item in batch]), [item.flips for item in batch]
             images, targets = _batch(root, annotations, order, flips, device)
             loss = sum(model(images, targets).values())
             optimizer.zero_grad(set_to_none=True)

@@ -33,11 +33,12 @@ from rcnn.data import voc
 from rcnn.engine.device import inference_dtype, select_device
 from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch
 from rcnn.engine.resume import ResumePoint, restore_training, resume_key, save_epoch
+from rcnn.engine.two_stage_batches import draw_flips
 from rcnn.engine.two_stage_trainer import steps_per_epoch
 from rcnn.evaluation.bootstrap import map_intervals
 from rcnn.evaluation.voc_eval import Detections, evaluate_detections
 from rcnn.modeling.backbones import backbone_units, build_backbone
-from rcnn.modeling.image_input import flip_boxes, image_tensor
+from rcnn.modeling.image_input import flipped, image_tensor
 from rcnn.pipeline.params import Params
 from rcnn.utils.boxes import INCLUSIVE_SHIFT, clip_boxes
 
@@ -102,17 +103,15 @@ def _sizes(model: FasterRCNN, params: Params, training: bool) -> None:
         else (params.model.image_size,)
 
 
-def _batch(root: Path, annotations: Sequence[voc.Annotation], order: np.ndarray, flips: np.ndarray,
-           device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+def _batch(root: Path, annotations: Sequence[voc.Annotation], order: np.ndarray,
+           flips: Sequence[Sequence[str]], device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     images, targets = [], []
-    for k, flip in zip(order, flips):
+    for k, mirrorings in zip(order, flips):
         ann = annotations[k]
         image = image_tensor(voc.read_image(voc.image_path(root, ann.image_id)))
         keep = ~ann.difficult
         boxes = torch.from_numpy(ann.boxes[keep] + INCLUSIVE_SHIFT).reshape(-1, 4)
-        if flip:
-            boxes = flip_boxes(boxes, image.shape[-1])
-            image = image.flip(-1)
+        image, (boxes,) = flipped(image, (boxes,), mirrorings)
         images.append(image.to(device))
         targets.append({"boxes": boxes.to(device), "labels": torch.from_numpy(ann.labels[keep]).to(device)})
     return images, targets
@@ -166,7 +165,7 @@ def fit(model: FasterRCNN, params: Params, root: Path, train: Sequence[voc.Annot
         _sizes(model, params, True)
         needed = steps * t.images_per_batch
         order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-needed // len(train)))])[:needed]
-        flips = rng.random(len(order)) < 0.5
+        flips = draw_flips(len(order), t.flips, rng)
         for i in range(0, len(order), t.images_per_batch):
             images, targets = _batch(root, train, order[i:i + t.images_per_batch], flips[i:i + t.images_per_batch],
                                      device)

@@ -111,23 +111,34 @@ def test_sampled_rois_have_the_requested_foreground_share(fg_fraction: float):
     assert int((labels[0] > 0).sum()) == 3 and len(labels[0]) == 32
 
 
-def test_flipped_example_mirrors_image_proposals_and_targets(synthetic_voc: Path):
+def _mirrored(image: torch.Tensor, name: str) -> torch.Tensor:
+    return {"horizontal": image.flip(-1), "vertical": image.flip(-2), "diagonal": image.transpose(-1, -2)}[name]
+
+
+@pytest.mark.parametrize("flips", [("horizontal",), ("vertical",), ("diagonal",), ("horizontal", "vertical", "diagonal")])
+def test_flipped_example_mirrors_image_proposals_and_targets(synthetic_voc: Path, flips: tuple[str, ...]):
     image_id = voc.read_split(synthetic_voc, "train")[0]
     ann = voc.parse_annotation(voc.annotation_path(synthetic_voc, image_id), ["car", "dog", "person"])
     props = np.array([[0, 0, 9, 19], [5, 5, 30, 40]], np.float32)
     item = ImageBoxes(image_id, ann.width, ann.height, props, np.array([0, 0]), ann.boxes, ann.labels,
                       np.zeros(len(ann.labels), bool))
     example = Example(voc.image_path(synthetic_voc, image_id), item, props, np.arange(len(ann.labels)))
-    plain_img, plain_props, plain_t = load_example(example, flip=False)
-    flip_img, flip_props, flip_t = load_example(example, flip=True)
-    width = plain_img.shape[-1]
-    torch.testing.assert_close(flip_img, plain_img.flip(-1))
-    torch.testing.assert_close(flip_props[0], torch.tensor([width - 10.0, 0, width, 20]))
-    torch.testing.assert_close(flip_t["boxes"][:, [0, 2]], width - plain_t["boxes"][:, [2, 0]])
-    # The flipped box covers the mirrored pixels: same content.
-    x1, y1, x2, y2 = plain_t["boxes"][0].int().tolist()
-    fx1, _, fx2, _ = flip_t["boxes"][0].int().tolist()
-    torch.testing.assert_close(flip_img[:, y1:y2, fx1:fx2], plain_img[:, y1:y2, x1:x2].flip(-1))
+    plain_img, plain_props, plain_t = load_example(example)
+    flip_img, flip_props, flip_t = load_example(example, flips)
+    expected = plain_img
+    for name in flips:
+        expected = _mirrored(expected, name)
+    torch.testing.assert_close(flip_img, expected)
+    if flips == ("horizontal",):
+        width = plain_img.shape[-1]
+        torch.testing.assert_close(flip_props[0], torch.tensor([width - 10.0, 0, width, 20]))
+    # Every box, proposal or object, covers the mirrored pixels of the box it was: same content.
+    for plain_boxes, flip_boxes in ((plain_props, flip_props), (plain_t["boxes"], flip_t["boxes"])):
+        for box, moved in zip(plain_boxes.int().tolist(), flip_boxes.int().tolist()):
+            content = plain_img[:, box[1]:box[3], box[0]:box[2]]
+            for name in flips:
+                content = _mirrored(content, name)
+            torch.testing.assert_close(flip_img[:, moved[1]:moved[3], moved[0]:moved[2]], content)
 
 
 def test_labelled_boxes_round_trip_and_exclude_difficult_and_ignored(tmp_path: Path):
@@ -242,6 +253,22 @@ def test_small_sets_repeat_their_images_to_reach_min_steps():
     # When min_steps does not bind, an epoch is one pass, drawn exactly as without it.
     one = [item.index for batch in training_plan(5, 2, np.random.default_rng(0), 3) for item in batch]
     assert one == list(np.random.default_rng(0).permutation(5))
+
+
+def test_flips_are_drawn_per_image_and_the_default_plan_is_unchanged():
+    plan = [item for batch in training_plan(50, 2, np.random.default_rng(0), 60) for item in batch]
+    assert {item.flips for item in plan} == {(), ("horizontal",)}
+    # The left-right flips are drawn right after the order, as before train.flips existed.
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(50) for _ in range(3)])[:120]
+    assert [bool(item.flips) for item in plan] == list(rng.random(len(order)) < 0.5)
+    every = [item.flips for batch in training_plan(50, 2, np.random.default_rng(0), 60,
+                                                   flips=["diagonal", "vertical", "horizontal"]) for item in batch]
+    assert set(every) == {(), ("horizontal",), ("vertical",), ("diagonal",), ("horizontal", "vertical"),
+                          ("horizontal", "diagonal"), ("vertical", "diagonal"), ("horizontal", "vertical", "diagonal")}
+    assert [("horizontal" in f) for f in every] == [bool(item.flips) for item in plan]  # the same first draw
+    assert all(item.flips == () for batch in training_plan(50, 2, np.random.default_rng(0), 60, flips=[])
+               for item in batch)
 
 
 def test_val_start_leaves_training_unchanged_and_scores_only_the_later_epochs(tmp_path: Path, synthetic_voc: Path):

@@ -21,7 +21,7 @@ from rcnn.evaluation.validation import labelled_split_ap
 from rcnn.families.rcnn import features, train_data, training
 from rcnn.families.rcnn.crops import warp_crops
 from rcnn.families.rcnn.features import crop_features
-from rcnn.families.rcnn.finetune import ProposalSampler, jitter_boxes
+from rcnn.families.rcnn.finetune import ProposalSampler, flipped_crops, jitter_boxes
 from rcnn.families.rcnn.hard_negatives import mine_hard_negatives, negative_pool
 from rcnn.families.rcnn.model import RegionClassifier
 from rcnn.families.rcnn.svm import fit_svms, svm_scores
@@ -106,6 +106,17 @@ def test_jittered_boxes_keep_their_labels(regions_dir):
         assert (np.where(same, iou[fg], 0).max(axis=1) >= settings.fg_iou).all()
         assert (iou[~fg].max(axis=1) < settings.bg_iou).all()
     assert moved_any > 0
+
+
+def test_crops_are_mirrored_as_the_crops_of_mirrored_images():
+    crops = np.random.default_rng(0).integers(0, 255, (400, 6, 6, 3), dtype=np.uint8)
+    out = flipped_crops(crops.copy(), ["vertical", "diagonal"], np.random.default_rng(1))
+    views = {"none": crops, "vertical": crops[:, ::-1], "diagonal": crops.transpose(0, 2, 1, 3),
+             "both": crops[:, ::-1].transpose(0, 2, 1, 3)}
+    seen = {name: np.array([np.array_equal(o, v) for o, v in zip(out, view)]) for name, view in views.items()}
+    assert all(seen[name].mean() > 0.15 for name in views)  # each of the four about a quarter of the time
+    assert (seen["none"] | seen["vertical"] | seen["diagonal"] | seen["both"]).all()
+    assert not any(np.array_equal(o, c[:, ::-1]) for o, c in zip(out, crops))  # never left to right
 
 
 def test_mining_takes_each_images_highest_scores_not_yet_taken():

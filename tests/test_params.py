@@ -86,6 +86,11 @@ INVALID = {
                                   "model.max_size = 500 is invalid: must be >= model.image_size (600)"),
     "training size above max": (_with({"train": {"image_sizes": [480, 900]}}),
                                 "train.image_sizes = [480, 900] is invalid: each size must be in [32, model.max_size"),
+    "unknown flip": (_with({"train": {"flips": ["horizontal", "upside"]}}),
+                     "train.flips = ['horizontal', 'upside'] is invalid: each must be one of horizontal, vertical, "
+                     "diagonal"),
+    "flip named twice": (_with({"train": {"flips": ["vertical", "vertical"]}}),
+                         "train.flips = ['vertical', 'vertical'] is invalid"),
     "warm-up as long as training": (_with({"train": {"epochs": 3, "warmup_epochs": 3}}),
                                     "train.warmup_epochs = 3 is invalid: must be < train.epochs (3)"),
     "fg_fraction zero": (_with({"train": {"fg_fraction": 0}}), "train.fg_fraction = 0.0 is out of range"),

@@ -56,7 +56,7 @@ def _examples(regions: Path, synthetic_voc: Path):
 def test_worker_processes_load_the_same_batches_in_the_same_order(regions: Path, synthetic_voc: Path):
     examples = _examples(regions, synthetic_voc)
     plan = training_plan(len(examples), 2, np.random.default_rng(3), steps=9)
-    assert any(item.flip for batch in plan for item in batch)
+    assert any(item.flips for batch in plan for item in batch)
     loaded = {workers: list(BatchLoader(examples, workers, torch.device("cpu"))(plan)) for workers in (0, 2)}
     assert len(loaded[0]) == len(loaded[2]) == 9
     for plain, parallel in zip(loaded[0], loaded[2]):

@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcnn.data import voc
-from rcnn.modeling.image_input import flip_boxes, image_tensor, to_continuous
+from rcnn.modeling.image_input import flipped, image_tensor, to_continuous
 from rcnn.proposals.region_boxes import ImageBoxes
+from rcnn.utils.boxes import FLIPS
 from rcnn.utils.errors import RcnnError
 
 MAX_AUTO_WORKERS = 8
@@ -38,7 +39,7 @@ class PlanItem(NamedTuple):
     """One image of a planned batch."""
 
     index: int  # into the examples
-    flip: bool
+    flips: tuple[str, ...]  # the mirrorings drawn for it, of train.flips
     size: int = 0  # the batch's training size (short side); 0: the model draws one per image
 
 
@@ -66,8 +67,9 @@ def training_examples(root: Path, items: Sequence[ImageBoxes], difficult_as_fore
     return out
 
 
-def load_example(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
-    """Image tensor, proposals and targets (continuous corners), flipped if asked; None if unreadable."""
+def load_example(example: Example, flips: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        dict[str, torch.Tensor]] | None:
+    """Image tensor, proposals and targets (continuous corners), mirrored by ``flips``; None if unreadable."""
     try:
         image = image_tensor(voc.read_image(example.path))
     except RcnnError as err:
@@ -76,10 +78,7 @@ def load_example(example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tens
     proposals = to_continuous(example.proposals)
     gt = to_continuous(example.boxes.gt_boxes[example.gt_index])
     labels = torch.from_numpy(example.boxes.gt_labels[example.gt_index].astype(np.int64))
-    if flip:
-        width = image.shape[-1]
-        image = image.flip(-1)
-        proposals, gt = flip_boxes(proposals, width), flip_boxes(gt, width)
+    image, (proposals, gt) = flipped(image, (proposals, gt), flips)
     return image, proposals, {"boxes": gt, "labels": labels}
 
 
@@ -115,18 +114,25 @@ def training_order(n: int, needed: int, rng: np.random.Generator, repeat: np.nda
     return np.concatenate(order)[:needed]
 
 
+def draw_flips(n: int, flips: Sequence[str], rng: np.random.Generator) -> list[tuple[str, ...]]:
+    """For each of ``n`` images, which of ``flips`` mirror it (each with probability 1/2, one draw of ``rng``
+    per named flip, in :data:`rcnn.utils.boxes.FLIPS`' order)."""
+    drawn = [(name, rng.random(n) < 0.5) for name in FLIPS if name in flips]
+    return [tuple(name for name, chosen in drawn if chosen[k]) for k in range(n)]
+
+
 def training_plan(num_examples: int, images_per_batch: int, rng: np.random.Generator, steps: int | None = None,
                   repeat: np.ndarray | None = None, groups: np.ndarray | None = None,
-                  sizes: Sequence[int] = ()) -> list[list[PlanItem]]:
-    """One epoch's batches: a shuffled order with random flips, ``steps`` batches (passing over the images as
-    often as that takes, each pass in a fresh order, images drawn by their ``repeat`` factors where given).
+                  sizes: Sequence[int] = (), flips: Sequence[str] = ("horizontal",)) -> list[list[PlanItem]]:
+    """One epoch's batches: a shuffled order, each image mirrored by each of ``flips`` with probability 1/2,
+    ``steps`` batches (passing over the images as often as that takes, each pass in a fresh order, images drawn by
+    their ``repeat`` factors where given).
     With ``groups`` (a group number per example, e.g. its orientation) each batch holds one group's images in
     the order they come (the leftovers of every group at the end, together) and gets one of ``sizes``."""
     one_pass = -(-num_examples // images_per_batch)
     needed = steps * images_per_batch if steps and steps > one_pass else num_examples
     order = training_order(num_examples, needed, rng, repeat)
-    flips = rng.random(len(order)) < 0.5
-    items = [PlanItem(int(i), bool(flip)) for i, flip in zip(order, flips)]
+    items = [PlanItem(int(i), drawn) for i, drawn in zip(order, draw_flips(len(order), flips, rng))]
     if groups is None:
         return [items[start:start + images_per_batch] for start in range(0, len(items), images_per_batch)]
     batches, waiting = [], {}
@@ -158,7 +164,7 @@ def grouped_batches(setting: str, device: torch.device) -> bool:
 
 def in_order_plan(num_examples: int, images_per_batch: int) -> list[list[PlanItem]]:
     """Every image once, in order, unflipped: validation and the trained model's scoring."""
-    items = [PlanItem(i, False) for i in range(num_examples)]
+    items = [PlanItem(i, ()) for i in range(num_examples)]
     return [items[start:start + images_per_batch] for start in range(0, num_examples, images_per_batch)]
 
 
@@ -173,7 +179,7 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
 
 
 class _ExampleImages(Dataset):
-    """The examples, loaded by plan item: ``dataset[(index, flipped)]``."""
+    """The examples, loaded by plan item: ``dataset[PlanItem(index, flips)]``."""
 
     def __init__(self, examples: Sequence[Example]) -> None:
         self.examples = list(examples)
@@ -182,7 +188,7 @@ class _ExampleImages(Dataset):
         return len(self.examples)
 
     def __getitem__(self, item: PlanItem):  # noqa: ANN204
-        loaded = load_example(self.examples[item.index], item.flip)
+        loaded = load_example(self.examples[item.index], item.flips)
         return None if loaded is None else (*loaded, item.size)
 
 

@@ -2,7 +2,7 @@
 
 One implementation for both families: they differ only in where RoIs come from (the labelled
 selective-search proposals of the regions stage, or the RPN trained jointly with the head).
-Every step takes ``train.images_per_batch`` images (flipped at random), and ``RoIHeads`` draws
+Every step takes ``train.images_per_batch`` images (mirrored at random, ``train.flips``), and ``RoIHeads`` draws
 a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its proposals plus
 the ground truth, ``train.fg_fraction`` of them foreground: each epoch sees a new sample.
 On a small training set an epoch passes over the images several times, so that the run makes at
@@ -153,7 +153,7 @@ def validate(model: RoIDetector, detector_cls: type[RoIDetection], examples: lis
     found, rois = {}, []
     with seeded_rng(VAL_SAMPLE_SEED), torch.inference_mode(), inference_autocast(device):
         for example in examples:
-            loaded = load_example(example, flip=False)
+            loaded = load_example(example)
             if loaded is None:
                 rois.append(np.zeros((0, 4), np.float32))
                 continue
@@ -222,7 +222,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     for epoch in bar:
         meter = _Meter(model.config["num_classes"] + 1, device)
         plan = training_plan(len(train), t.images_per_batch, rng, steps, repeat if t.repeat_threshold else None,
-                             groups, model.train_sizes)
+                             groups, model.train_sizes, t.flips)
         epoch_start = time.perf_counter()
         train_epoch(model, tqdm(train_loader(plan), total=len(plan), desc=f"epoch {epoch}", unit="batch",
                                 leave=False), optimizer, scheduler, device, meter, epoch, t.lr, scaler, canvas)

@@ -6,7 +6,7 @@ canvases."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from rcnn.modeling.roi_heads import FEATURE_STRIDE
-from rcnn.utils.boxes import INCLUSIVE_SHIFT
+from rcnn.utils.boxes import FLIPS, INCLUSIVE_SHIFT
 
 
 def pad_to_resizable(image: torch.Tensor, max_size: int) -> torch.Tensor:
@@ -44,6 +44,26 @@ def to_continuous(boxes: np.ndarray) -> torch.Tensor:
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     """Continuous-corner boxes mirrored for an image of ``width`` pixels flipped left to right."""
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def flipped(image: torch.Tensor, boxes: Sequence[torch.Tensor],
+            flips: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``image`` (C,H,W) and its continuous-corner ``boxes`` mirrored by each of ``flips`` in turn: ``horizontal``
+    (left to right), ``vertical`` (top to bottom), ``diagonal`` (about the top-left to bottom-right diagonal: x and
+    y swapped; with the other two, every rotation by right angles)."""
+    out = list(boxes)
+    for name in flips:
+        height, width = image.shape[-2:]
+        if name == "horizontal":
+            image, out = image.flip(-1), [flip_boxes(b, width) for b in out]
+        elif name == "vertical":
+            image = image.flip(-2)
+            out = [torch.stack([b[:, 0], height - b[:, 3], b[:, 2], height - b[:, 1]], dim=1) for b in out]
+        elif name == "diagonal":
+            image, out = image.transpose(-1, -2).contiguous(), [b[:, [1, 0, 3, 2]] for b in out]
+        else:
+            raise ValueError(f"unknown flip {name!r}: expected one of {FLIPS}")
+    return image, out
 
 
 class CanvasTransform(GeneralizedRCNNTransform):

@@ -12,6 +12,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from rcnn.utils.boxes import FLIPS
 from rcnn.utils.errors import ParamError
 from rcnn.utils.fileio import safe_name
 
@@ -176,6 +177,9 @@ def check_consistency(p: Params) -> None:
         if not 32 <= size <= p.model.max_size:
             raise ParamError(f"train.image_sizes = {p.train.image_sizes!r} is invalid: each size must be in "
                              f"[32, model.max_size = {p.model.max_size}]")
+    if any(name not in FLIPS for name in p.train.flips) or len(set(p.train.flips)) < len(p.train.flips):
+        raise ParamError(f"train.flips = {p.train.flips!r} is invalid: each must be one of {', '.join(FLIPS)}, "
+                         f"named once ([] trains unmirrored)")
     if p.train.warmup_epochs >= p.train.epochs:
         raise ParamError(f"train.warmup_epochs = {p.train.warmup_epochs!r} is invalid: must be < train.epochs "
                          f"({p.train.epochs!r})")

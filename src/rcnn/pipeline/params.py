@@ -146,6 +146,9 @@ class TrainParams:
     bg_iou_low: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     image_sizes: list[int] = field(default_factory=list)
     box_jitter: float = field(default=0.0, metadata=_range(0, 0.5))
+    # mirrorings drawn for every training image (crop, for R-CNN's fine-tuning), each with probability 1/2:
+    # horizontal, vertical, diagonal (x and y swapped); vertical and diagonal suit pictures taken from above
+    flips: list[str] = field(default_factory=lambda: ["horizontal"])
     hard_negative_rounds: int = field(default=0, metadata=_range(0, 10))
     svm_c: float = field(default=0.001, metadata=_range(0, lo_open=True))
     # R-CNN: keep the retrained classifier (SVMs, hard negatives) as configured, or only where it beats the softmax

@@ -14,6 +14,9 @@ import numpy as np
 # Added to inclusive corners, gives the exclusive corners torchvision's IoU and NMS assume.
 INCLUSIVE_SHIFT = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
 
+# The mirrorings of an image and its boxes that ``train.flips`` may name, in the order they are drawn and applied.
+FLIPS = ("horizontal", "vertical", "diagonal")
+
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU (``len(a) x len(b)``) of inclusive-corner boxes under the VOC ``+1`` convention."""

@@ -7,7 +7,7 @@ foreground regions, at least one (the paper: 32 of 128); a chunk of images witho
 (or any background) fills its batches from what it has. Images are taken in chunks of :data:`CHUNK_IMAGES`:
 a chunk's images are decoded once and its batches' crops warped from them with the warp and
 context padding detection uses, so memory stays bounded whatever the split size. Augmentation
-stays within test conditions: horizontal flips and, with ``train.box_jitter``, box corners moved
+stays within test conditions: mirroring (``train.flips``, left to right by default) and, with ``train.box_jitter``, box corners moved
 by up to that fraction of the box size where the moved box keeps its label. Every draw comes
 from a generator seeded by (seed, epoch): the same params give the same batches.
 """
@@ -26,7 +26,7 @@ from rcnn.data import voc
 from rcnn.families.rcnn.crops import warp_crops
 from rcnn.pipeline.params import RegionParams, TrainParams
 from rcnn.proposals.region_boxes import ImageBoxes
-from rcnn.utils.boxes import box_iou
+from rcnn.utils.boxes import FLIPS, box_iou
 
 CHUNK_IMAGES = 16  # images decoded together; their regions are shuffled into each other's batches
 
@@ -67,6 +67,21 @@ def jitter_boxes(boxes: np.ndarray, labels: np.ndarray, item: ImageBoxes, amount
         bg_ok = iou.max(axis=1) < bg_iou
         valid &= np.where(labels > 0, fg_ok, bg_ok)
     return np.where(valid[:, None], moved, boxes).astype(np.float32)
+
+
+def flipped_crops(crops: np.ndarray, flips: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """``(N,S,S,3)`` crops, each mirrored by each of ``flips`` with probability 1/2 (in place): a square crop
+    mirrored is the crop of the mirrored image, context included (:func:`rcnn.modeling.image_input.flipped`)."""
+    for name in FLIPS:
+        if name in flips:
+            chosen = rng.random(len(crops)) < 0.5
+            if name == "horizontal":
+                crops[chosen] = crops[chosen, :, ::-1]
+            elif name == "vertical":
+                crops[chosen] = crops[chosen, ::-1]
+            else:
+                crops[chosen] = crops[chosen].transpose(0, 2, 1, 3)
+    return crops
 
 
 class ProposalSampler:
@@ -134,8 +149,7 @@ class ProposalSampler:
         labels = np.concatenate([np.array([pools[o].fg_labels[r] for o, r in zip(fg_owner, fg_row)], np.int64),
                                  np.zeros(len(bg_owner), np.int64)])
         crops = self._warp(chunk, owner, boxes, labels, rng)
-        flip = rng.random(len(crops)) < 0.5
-        crops[flip] = crops[flip, :, ::-1]
+        crops = flipped_crops(crops, self.train.flips, rng)
         # Batch b takes foreground rows b*n_fg.. and background rows b*n_bg.., shuffled within.
         n_bg = self.batch_size - n_fg
         for b in range(n_batches):
