@@ -103,8 +103,8 @@ def _sizes(model: FasterRCNN, params: Params, training: bool) -> None:
         else (params.model.image_size,)
 
 
-def _batch(root: Path, annotations: Sequence[voc.Annotation], order: np.ndarray,
-           flips: Sequence[Sequence[str]], device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+def _batch(root: Path, annotations: Sequence[voc.Annotation], order: np.ndarray, flips: Sequence[Sequence[str]],
+           device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     images, targets = [], []
     for k, mirrorings in zip(order, flips):
         ann = annotations[k]

@@ -115,7 +115,8 @@ def _mirrored(image: torch.Tensor, name: str) -> torch.Tensor:
     return {"horizontal": image.flip(-1), "vertical": image.flip(-2), "diagonal": image.transpose(-1, -2)}[name]
 
 
-@pytest.mark.parametrize("flips", [("horizontal",), ("vertical",), ("diagonal",), ("horizontal", "vertical", "diagonal")])
+@pytest.mark.parametrize("flips", [("horizontal",), ("vertical",), ("diagonal",),
+                                   ("horizontal", "vertical", "diagonal")])
 def test_flipped_example_mirrors_image_proposals_and_targets(synthetic_voc: Path, flips: tuple[str, ...]):
     image_id = voc.read_split(synthetic_voc, "train")[0]
     ann = voc.parse_annotation(voc.annotation_path(synthetic_voc, image_id), ["car", "dog", "person"])

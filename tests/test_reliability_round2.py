@@ -32,7 +32,11 @@ def _tiny_fast_rcnn(**kw) -> FastRCNN:
 # 3 ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(10, 10000, 3), (10000, 10, 3), (1, 3000, 3)])
-def test_3_fast_rcnn_detects_on_very_elongated_images(shape):
+def test_3_fast_rcnn_detects_on_very_elongated_images(shape, monkeypatch):
+    # In float32: on a CPU with native bfloat16, the convolutions over this one-cell-wide map return NaN in about
+    # 1 run of 10 (same seed and input; oneDNN's bf16 kernels, more often under load), and the detections vanish.
+    # What is pinned here is the padding that keeps such an image resizable, not that kernel.
+    monkeypatch.setattr("rcnn.engine.device._cpu_has_native_bf16", lambda: False)
     detector = FastRCNNDetector(_tiny_fast_rcnn(), {"classes": CLASSES}, torch.device("cpu"), 0.0, 0.3, 5)
     image = np.full(shape, 127, np.uint8)
     height, width = shape[:2]

@@ -69,7 +69,7 @@ def test_worker_processes_load_the_same_batches_in_the_same_order(regions: Path,
                 else:
                     assert torch.equal(a, b)
     # validation and the trained model's scoring: every image once, in order, unflipped
-    assert [item.index for batch in in_order_plan(5, 2) for item in batch if not item.flip] == [0, 1, 2, 3, 4]
+    assert [item.index for batch in in_order_plan(5, 2) for item in batch if not item.flips] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("shapes", ["free", "grouped"])

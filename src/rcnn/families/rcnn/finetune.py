@@ -6,10 +6,10 @@ mini-batches of ``train.batch_size`` holding exactly ``round(train.fg_fraction x
 foreground regions, at least one (the paper: 32 of 128); a chunk of images without any foreground
 (or any background) fills its batches from what it has. Images are taken in chunks of :data:`CHUNK_IMAGES`:
 a chunk's images are decoded once and its batches' crops warped from them with the warp and
-context padding detection uses, so memory stays bounded whatever the split size. Augmentation
-stays within test conditions: mirroring (``train.flips``, left to right by default) and, with ``train.box_jitter``, box corners moved
-by up to that fraction of the box size where the moved box keeps its label. Every draw comes
-from a generator seeded by (seed, epoch): the same params give the same batches.
+context padding detection uses, so memory stays bounded whatever the split size. Augmentation: mirroring
+(``train.flips``, left to right by default) and, with ``train.box_jitter``, box corners moved by up to that
+fraction of the box size where the moved box keeps its label. Every draw comes from a generator seeded by
+(seed, epoch): the same params give the same batches.
 """
 
 from __future__ import annotations
