@@ -345,6 +345,11 @@ class RoIDetection(Detector):
         start = time.perf_counter()
         with torch.inference_mode(), inference_autocast(self.device):
             scored = self.model.score(image, rois)
+            if not all(bool(torch.isfinite(x).all()) for x in scored[:2]):
+                # Reduced-precision CPU kernels now and then return NaN on degenerate maps (an image 25 times
+                # longer than wide, docs/stages.md); that image is scored again in float32 rather than lost.
+                with torch.autocast(self.device.type, enabled=False):
+                    scored = self.model.score(image, rois)
         self.timings.cnn += time.perf_counter() - start
         return self.finish(scored, image_bgr.shape[:2])
 
