@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from rcnn.utils.errors import RcnnError
+
+T = TypeVar("T")
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -85,6 +87,18 @@ def inference_autocast(device: torch.device) -> contextlib.AbstractContextManage
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def in_float32_if_not_finite(compute: Callable[[], T], finite_parts: Callable[[T], Sequence[torch.Tensor]],
+                              device: torch.device) -> T:
+    """``compute()`` under the caller's autocast, or again in float32 where any of ``finite_parts`` of its result
+    is not finite: reduced-precision CPU kernels now and then return NaN on degenerate maps (an image 25 times
+    longer than wide, docs/stages.md), and that image is scored at full precision rather than lost."""
+    out = compute()
+    if all(bool(torch.isfinite(part).all()) for part in finite_parts(out)):
+        return out
+    with torch.autocast(device.type, enabled=False):
+        return compute()
 
 
 def _accelerator() -> tuple[str | None, list[int]]:

@@ -30,8 +30,8 @@ from dvclive import Live
 from tqdm import tqdm
 
 from rcnn.data import voc
-from rcnn.engine.device import (inference_autocast, precision_name, seeded_rng, select_device, training_scaler,
-                                tune_for_bounded_shapes)
+from rcnn.engine.device import (in_float32_if_not_finite, inference_autocast, precision_name, seeded_rng,
+                                select_device, training_scaler, tune_for_bounded_shapes)
 from rcnn.engine.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
 from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, grouped_batches, in_order_plan, load_example,
@@ -164,7 +164,9 @@ def validate(model: RoIDetector, detector_cls: type[RoIDetection], examples: lis
                 meter.add(*model.losses([image], [proposals], [target]))
                 found[example.boxes.image_id], detector.last_rois = Detections.empty(), ranked
             else:
-                losses, scored = model.score_with_losses(image, proposals, target, to_continuous(ranked).to(device))
+                losses, scored = in_float32_if_not_finite(
+                    lambda: model.score_with_losses(image, proposals, target, to_continuous(ranked).to(device)),
+                    lambda out: out[1][:2], device)
                 meter.add(*losses)
                 found[example.boxes.image_id] = detector.finish(scored, tuple(image.shape[-2:]))
             rois.append(detector.last_rois)

@@ -39,7 +39,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.image_list import ImageList
 
 from rcnn.engine.checkpoints import is_int_in, state_payload, write_checkpoint
-from rcnn.engine.device import inference_autocast, seeded_rng, use_channels_last
+from rcnn.engine.device import in_float32_if_not_finite, inference_autocast, seeded_rng, use_channels_last
 from rcnn.evaluation.voc_eval import Detections
 from rcnn.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_units, build_backbone
 from rcnn.modeling.detector_interface import Detector
@@ -344,12 +344,7 @@ class RoIDetection(Detector):
         self.timings.crops += time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode(), inference_autocast(self.device):
-            scored = self.model.score(image, rois)
-            if not all(bool(torch.isfinite(x).all()) for x in scored[:2]):
-                # Reduced-precision CPU kernels now and then return NaN on degenerate maps (an image 25 times
-                # longer than wide, docs/stages.md); that image is scored again in float32 rather than lost.
-                with torch.autocast(self.device.type, enabled=False):
-                    scored = self.model.score(image, rois)
+            scored = in_float32_if_not_finite(lambda: self.model.score(image, rois), lambda out: out[:2], self.device)
         self.timings.cnn += time.perf_counter() - start
         return self.finish(scored, image_bgr.shape[:2])
 
