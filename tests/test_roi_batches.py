@@ -220,12 +220,16 @@ def test_a_float16_step_with_the_scaler_learns_and_skips_overflowing_steps(regio
     assert changed  # the steps that did not overflow updated the weights
 
 
+def _untrained(regions: Path, synthetic_voc: Path, count: int):
+    """Params, the first ``count`` training examples and an untrained Faster R-CNN (seed 0) to validate."""
+    params = _params(synthetic_voc)
+    torch.manual_seed(0)
+    return params, _examples(regions, synthetic_voc)[:count], build_faster_rcnn(params, 0.5, 0.3)
+
+
 def test_validation_scores_ap_as_the_evaluate_stage_does_from_the_same_backbone_pass_as_its_loss(
         regions: Path, synthetic_voc: Path):
-    params = _params(synthetic_voc)
-    examples = _examples(regions, synthetic_voc)[:6]
-    torch.manual_seed(0)
-    model = build_faster_rcnn(params, 0.5, 0.3)
+    params, examples, model = _untrained(regions, synthetic_voc, 6)
     calls = []
     real = model._features
     with mock.patch.object(model, "_features", lambda *a, **k: calls.append(1) or real(*a, **k)):
@@ -243,10 +247,7 @@ def test_validation_scores_an_image_again_in_float32_where_its_reduced_precision
         regions: Path, synthetic_voc: Path):
     # bf16 CPU kernels now and then return NaN on a degenerate map (docs/stages.md): such an image lowered that
     # epoch's validation AP, and so which epoch was kept, until validation rescored it as detection does.
-    params = _params(synthetic_voc)
-    examples = _examples(regions, synthetic_voc)[:4]
-    torch.manual_seed(0)
-    model = build_faster_rcnn(params, 0.5, 0.3)
+    params, examples, model = _untrained(regions, synthetic_voc, 4)
     with mock.patch("rcnn.engine.two_stage_trainer.inference_autocast", lambda device: contextlib.nullcontext()):
         _, in_float32 = validate(model, FasterRCNNDetector, examples, params, CPU)
     real = model.score_with_losses
