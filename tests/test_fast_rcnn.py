@@ -42,6 +42,32 @@ def test_roi_pooling_equals_pooling_the_region_cropped_by_hand():
     torch.testing.assert_close(pooled, by_hand, atol=1e-5, rtol=1e-5)
 
 
+def test_a_context_region_pools_the_box_and_a_box_around_it_enlarged_by_the_factor():
+    torch.manual_seed(0)
+    fmap = torch.randn(1, 5, 32, 40)
+    box = torch.tensor([[14.0, 8.0, 24.0, 16.0]])  # centre (19, 12), 10 x 8
+    pooled = RoIAlignPool(4, spatial_scale=1.0, context=2.0)({"0": fmap}, [box], [(32, 40)])
+    plain = RoIAlignPool(4, spatial_scale=1.0)
+    assert pooled.shape == (1, 10, 4, 4) and RoIAlignPool(4, context=2.0).channels(5) == 10
+    torch.testing.assert_close(pooled[:, :5], plain({"0": fmap}, [box], [(32, 40)]))
+    around = torch.tensor([[9.0, 4.0, 29.0, 20.0]])  # the same centre, twice as wide and high
+    torch.testing.assert_close(pooled[:, 5:], plain({"0": fmap}, [around], [(32, 40)]))
+
+
+def test_a_model_with_a_context_region_trains_on_what_surrounds_each_box():
+    model = tiny_model(roi_context=1.8).train()
+    assert model.roi_heads.box_head[1].in_features == 2 * 8 * 3 * 3  # the RoI's channels and its context's
+    image = torch.rand(3, 96, 128)
+    target = {"boxes": torch.tensor([[20.0, 20.0, 60.0, 60.0]]), "labels": torch.tensor([1])}
+    proposals = torch.tensor([[18.0, 22.0, 58.0, 62.0], [0.0, 0.0, 30.0, 30.0], [50.0, 40.0, 120.0, 90.0]])
+    losses, _, _ = model.losses([image], [proposals], [target])
+    sum(losses.values()).backward()
+    weight = model.roi_heads.box_head[1].weight.grad
+    assert weight[:, 8 * 3 * 3:].abs().sum() > 0  # the context half of the head learns
+    probs, boxes, rois = model.eval().score(image, proposals)
+    assert probs.shape == (3, 4) and boxes.shape == (3, 4, 4) and torch.isfinite(probs).all()
+
+
 def test_model_pools_at_the_backbone_stride():
     model = tiny_model()
     image = torch.rand(3, 96, 128)

@@ -24,7 +24,7 @@ from rcnn.modeling.two_stage import save_roi_detector
 from rcnn.pipeline.family_registry import load_detector
 from rcnn.pipeline.params import TrainParams, from_dict
 from rcnn.proposals.region_boxes import ImageBoxes
-from rcnn.utils.errors import ParamError
+from rcnn.utils.errors import ParamError, RcnnError
 
 BUILDER = Path(__file__).resolve().parents[1] / "bench" / "few_photos.py"
 
@@ -113,6 +113,30 @@ def test_a_cosine_checkpoint_round_trips_and_older_ones_load_as_softmax(tmp_path
         del payload["meta"]["config"][key]
     torch.save(payload, tmp_path / "old.pt")
     assert load_detector(tmp_path / "old.pt", "cpu").model.config["classifier"] == "softmax"
+
+
+def test_a_context_region_checkpoint_round_trips_and_older_ones_load_without_one(tmp_path: Path):
+    params = from_dict({"classes": ["a", "b", "c"], "model": {"arch": "fast_rcnn", "backbone": "resnet18",
+                                                              "weights": "none", "roi_channels": 8, "hidden": 16,
+                                                              "roi_context": 1.5}})
+    model = build_fast_rcnn(params)
+    save_roi_detector(tmp_path / "m.pt", model.eval(), params, {})
+    loaded = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0)
+    assert loaded.model.config["roi_context"] == 1.5
+    image, rois = torch.rand(3, 96, 128), torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 10.0, 90.0, 80.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.score(image, rois)[0], model.score(image, rois)[0])
+    plain = build_fast_rcnn(from_dict({"classes": ["a", "b", "c"], "model": {
+        "arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "roi_channels": 8, "hidden": 16}}))
+    save_roi_detector(tmp_path / "p.pt", plain.eval(), params, {})
+    payload = torch.load(tmp_path / "p.pt", weights_only=True)
+    del payload["meta"]["config"]["roi_context"]  # written before the context region existed
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_detector(tmp_path / "old.pt", "cpu").model.config["roi_context"] == 0.0
+    payload["meta"]["config"]["roi_context"] = -1.0
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(RcnnError, match="config roi_context = -1.0 is invalid"):
+        load_detector(tmp_path / "bad.pt", "cpu")
 
 
 def test_a_checkpoint_records_its_precision_and_warns_when_scored_in_another(tmp_path: Path, monkeypatch):

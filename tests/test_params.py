@@ -97,6 +97,7 @@ INVALID = {
     "rois zero": (_with({"train": {"rois_per_image": 0}}), "train.rois_per_image = 0 is out of range"),
     "bad feature stride": (_with({"model": {"feature_stride": 8}}),
                            "model.feature_stride = 8 is invalid: expected one of 16, 32"),
+    "context region too large": (_with({"model": {"roi_context": 12}}), "model.roi_context = 12.0 is out of range"),
     "float feature stride": (_with({"model": {"feature_stride": 16.0}}), "model.feature_stride = 16.0 is invalid"),
     "stride 16 without reduction": (_with({"model": {"feature_stride": 16, "roi_channels": 0}}),
                                     "model.feature_stride = 16 needs model.roi_channels > 0"),

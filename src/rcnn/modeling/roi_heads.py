@@ -1,5 +1,6 @@
 """The parts of the two-stage head that differ from torchvision's: pixel-aligned RoIAlign from one feature
-map, and TFA's cosine classifier beside the linear one (both with the interfaces ``RoIHeads`` calls)."""
+map (with an optional context region around each RoI), and TFA's cosine classifier beside the linear one
+(both with the interfaces ``RoIHeads`` calls)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,41 @@ FEATURE_STRIDE = 32  # of the last feature map of every supported backbone (ResN
 
 
 class RoIAlignPool(nn.Module):
-    """RoIAlign of every proposal from the single feature map ``"0"``, pixel-aligned.
+    """RoIAlign of every proposal from the single feature map ``"0"``, pixel-aligned; with ``context`` > 0 also
+    of the same box enlarged ``context`` times about its centre, the two stacked on the channel axis.
 
     The interface of ``MultiScaleRoIAlign`` (what ``RoIHeads`` calls), but with
     ``aligned=True``: torchvision's multi-scale pooler samples half a pixel off (``aligned=False``,
-    kept there for old checkpoints), which at stride 32 is a 16-pixel shift in the image.
+    kept there for old checkpoints), which at stride 32 is a 16-pixel shift in the image. The context region
+    (Gidaris & Komodakis' multi-region features, 2015) lets the head see what surrounds a box, which helped
+    most where classes have few boxes (docs/few-photos.md). The enlarged box is not clipped: RoIAlign
+    samples zeros beyond the map.
     """
 
-    def __init__(self, output_size: int, spatial_scale: float = 1 / FEATURE_STRIDE, sampling_ratio: int = 2) -> None:
+    def __init__(self, output_size: int, spatial_scale: float = 1 / FEATURE_STRIDE, sampling_ratio: int = 2,
+                 context: float = 0.0) -> None:
         super().__init__()
         self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
+        self.context = context
+
+    def channels(self, feature_channels: int) -> int:
+        """Channels of the pooled output for a map of ``feature_channels``."""
+        return feature_channels * (2 if self.context else 1)
+
+    def enlarged(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``boxes`` (x1, y1, x2, y2) scaled ``context`` times about their centres."""
+        centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * (self.context / 2)
+        return torch.cat([centre - half, centre + half], dim=1)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
-        return roi_align(features["0"], proposals, self.output_size, spatial_scale=self.spatial_scale,
-                         sampling_ratio=self.sampling_ratio, aligned=True)
+        def pool(boxes: list[torch.Tensor]) -> torch.Tensor:
+            return roi_align(features["0"], boxes, self.output_size, spatial_scale=self.spatial_scale,
+                             sampling_ratio=self.sampling_ratio, aligned=True)
+
+        if not self.context:
+            return pool(proposals)
+        return torch.cat([pool(proposals), pool([self.enlarged(boxes) for boxes in proposals])], dim=1)
 
 
 class CosinePredictor(nn.Module):

@@ -55,9 +55,10 @@ CLASSIFIERS = ("softmax", "cosine")
 # Constructor arguments of RoIDetector that a checkpoint records (its "config"); a family may add its own.
 CONFIG_KEYS = ("backbone", "num_classes", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout",
                "image_size", "max_size", "train_sizes", "fg_iou", "bg_iou", "rois_per_image", "fg_fraction",
-               "feature_stride", "classifier", "cosine_scale")
+               "feature_stride", "classifier", "cosine_scale", "roi_context")
 # Config keys added after checkpoints were first written, with the value those checkpoints were trained with.
-CONFIG_DEFAULTS = {"feature_stride": FEATURE_STRIDE, "classifier": "softmax", "cosine_scale": 20.0}
+CONFIG_DEFAULTS = {"feature_stride": FEATURE_STRIDE, "classifier": "softmax", "cosine_scale": 20.0,
+                   "roi_context": 0.0}
 
 
 def check_config(config: dict[str, Any], classes: Any) -> None:
@@ -67,7 +68,7 @@ def check_config(config: dict[str, Any], classes: Any) -> None:
         raise ValueError("classes must be a non-empty list of names")
     model = {key: allowed(ModelParams, key, config[key]) for key in (
         "backbone", "trainable_layers", "roi_channels", "roi_size", "hidden", "dropout", "image_size", "max_size",
-        "feature_stride", "cosine_scale")}
+        "feature_stride", "cosine_scale", "roi_context")}
     max_size = config["max_size"]
     max_size_ok = model["max_size"] and (not model["image_size"] or max_size >= config["image_size"])
     checks = {
@@ -129,14 +130,14 @@ class RoIDetector(nn.Module, abc.ABC):
                  image_size: int = 480, max_size: int = 800, train_sizes: tuple[int, ...] = (),
                  fg_iou: float = 0.5, bg_iou: float = 0.5, rois_per_image: int = 128,
                  fg_fraction: float = 0.25, feature_stride: int = FEATURE_STRIDE, classifier: str = "softmax",
-                 cosine_scale: float = 20.0) -> None:
+                 cosine_scale: float = 20.0, roi_context: float = 0.0) -> None:
         super().__init__()
         self.config = {"backbone": backbone, "num_classes": num_classes, "trainable_layers": trainable_layers,
                        "roi_channels": roi_channels, "roi_size": roi_size, "hidden": hidden, "dropout": dropout,
                        "image_size": image_size, "max_size": max_size, "train_sizes": list(train_sizes),
                        "fg_iou": fg_iou, "bg_iou": bg_iou, "rois_per_image": rois_per_image,
                        "fg_fraction": fg_fraction, "feature_stride": feature_stride, "classifier": classifier,
-                       "cosine_scale": cosine_scale}
+                       "cosine_scale": cosine_scale, "roi_context": roi_context}
         if classifier not in CLASSIFIERS:
             raise RcnnError(f"classifier = {classifier!r} is invalid: expected one of {', '.join(CLASSIFIERS)}")
         if feature_stride not in (16, 32) or (feature_stride == 16 and not roi_channels):
@@ -159,11 +160,12 @@ class RoIDetector(nn.Module, abc.ABC):
             self.lateral = nn.Conv2d(low_channels, roi_channels, 1)
             self.smooth = nn.Sequential(nn.Conv2d(roi_channels, roi_channels, 3, padding=1), nn.ReLU(inplace=True))
         self.feature_channels = roi_channels or dim
-        pooled = self.feature_channels * roi_size * roi_size
+        roi_pool = RoIAlignPool(roi_size, 1 / feature_stride, context=roi_context)
+        pooled = roi_pool.channels(self.feature_channels) * roi_size * roi_size
         head = nn.Sequential(nn.Flatten(), nn.Linear(pooled, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                              nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.roi_heads = RoIHeads(
-            box_roi_pool=RoIAlignPool(roi_size, 1 / feature_stride), box_head=head,
+            box_roi_pool=roi_pool, box_head=head,
             box_predictor=box_predictor(classifier, hidden, num_classes + 1, cosine_scale), fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
             batch_size_per_image=rois_per_image, positive_fraction=fg_fraction, bbox_reg_weights=None,
             score_thresh=0.0, nms_thresh=1.0, detections_per_img=1)  # post-processing is ours, see module doc
@@ -280,7 +282,7 @@ def detector_kwargs(params: Params, fg_iou: float, bg_iou: float) -> dict[str, A
             "hidden": m.hidden, "dropout": m.dropout, "image_size": m.image_size, "max_size": m.max_size,
             "train_sizes": tuple(t.image_sizes), "fg_iou": fg_iou, "bg_iou": bg_iou,
             "rois_per_image": t.rois_per_image, "fg_fraction": t.fg_fraction, "feature_stride": m.feature_stride,
-            "classifier": m.classifier, "cosine_scale": m.cosine_scale}
+            "classifier": m.classifier, "cosine_scale": m.cosine_scale, "roi_context": m.roi_context}
 
 
 def seeded(params: Params, build: Any, **kwargs: Any) -> RoIDetector:

@@ -106,6 +106,8 @@ class ModelParams:
     roi_size: int = field(default=7, metadata=_range(1, 32))
     # Fast/Faster R-CNN: the map RoIs are pooled from; 16 adds the backbone's stride-16 map to the stride-32 one
     feature_stride: Literal[16, 32] = 32
+    # Fast/Faster R-CNN: also pool each RoI enlarged this many times (0: the RoI alone)
+    roi_context: float = field(default=0.0, metadata=_range(0, 10))
     # Faster R-CNN's region proposal network (model.arch: faster_rcnn), on the stride-32 map
     rpn_anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     rpn_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
