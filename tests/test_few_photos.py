@@ -77,11 +77,15 @@ def test_the_class_prior_starts_scores_at_the_sampled_shares():
     np.testing.assert_allclose(probs.detach().numpy(), [0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], rtol=1e-5)
 
 
-def _cosine_model(scale: float = 20.0):
+def _tiny_fast_rcnn(**model: object):
     params = from_dict({"classes": ["a", "b", "c"], "model": {"arch": "fast_rcnn", "backbone": "resnet18",
                                                               "weights": "none", "roi_channels": 8, "hidden": 16,
-                                                              "classifier": "cosine", "cosine_scale": scale}})
+                                                              **model}})
     return params, build_fast_rcnn(params)
+
+
+def _cosine_model(scale: float = 20.0):
+    return _tiny_fast_rcnn(classifier="cosine", cosine_scale=scale)
 
 
 def test_cosine_scores_ignore_the_length_of_features_and_of_class_weights():
@@ -97,40 +101,35 @@ def test_cosine_scores_ignore_the_length_of_features_and_of_class_weights():
     torch.testing.assert_close(predictor(features)[0], scores)
 
 
-def test_a_cosine_checkpoint_round_trips_and_older_ones_load_as_softmax(tmp_path: Path):
-    params, model = _cosine_model()
+def _round_trip_config(tmp_path: Path, params, model) -> dict:
+    """The config of ``model`` saved and loaded again, after checking the loaded one scores the same."""
     save_roi_detector(tmp_path / "m.pt", model.eval(), params, {})
     loaded = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0)
-    assert loaded.model.config["classifier"] == "cosine"
     image, rois = torch.rand(3, 96, 128), torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 10.0, 90.0, 80.0]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.score(image, rois)[0], model.score(image, rois)[0])
-    softmax = build_fast_rcnn(from_dict({"classes": ["a", "b", "c"], "model": {
-        "arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "roi_channels": 8, "hidden": 16}}))
-    save_roi_detector(tmp_path / "s.pt", softmax.eval(), params, {})
-    payload = torch.load(tmp_path / "s.pt", weights_only=True)
-    for key in ("classifier", "cosine_scale"):  # written before the cosine classifier existed
+    return loaded.model.config
+
+
+def _older_checkpoint(tmp_path: Path, *missing: str) -> dict:
+    """The payload of a default model's checkpoint written before the config keys ``missing`` existed."""
+    params, plain = _tiny_fast_rcnn()
+    save_roi_detector(tmp_path / "p.pt", plain.eval(), params, {})
+    payload = torch.load(tmp_path / "p.pt", weights_only=True)
+    for key in missing:
         del payload["meta"]["config"][key]
-    torch.save(payload, tmp_path / "old.pt")
+    return payload
+
+
+def test_a_cosine_checkpoint_round_trips_and_older_ones_load_as_softmax(tmp_path: Path):
+    assert _round_trip_config(tmp_path, *_cosine_model())["classifier"] == "cosine"
+    torch.save(_older_checkpoint(tmp_path, "classifier", "cosine_scale"), tmp_path / "old.pt")
     assert load_detector(tmp_path / "old.pt", "cpu").model.config["classifier"] == "softmax"
 
 
 def test_a_context_region_checkpoint_round_trips_and_older_ones_load_without_one(tmp_path: Path):
-    params = from_dict({"classes": ["a", "b", "c"], "model": {"arch": "fast_rcnn", "backbone": "resnet18",
-                                                              "weights": "none", "roi_channels": 8, "hidden": 16,
-                                                              "roi_context": 1.5}})
-    model = build_fast_rcnn(params)
-    save_roi_detector(tmp_path / "m.pt", model.eval(), params, {})
-    loaded = load_detector(tmp_path / "m.pt", "cpu", score_threshold=0.0)
-    assert loaded.model.config["roi_context"] == 1.5
-    image, rois = torch.rand(3, 96, 128), torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 10.0, 90.0, 80.0]])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.model.score(image, rois)[0], model.score(image, rois)[0])
-    plain = build_fast_rcnn(from_dict({"classes": ["a", "b", "c"], "model": {
-        "arch": "fast_rcnn", "backbone": "resnet18", "weights": "none", "roi_channels": 8, "hidden": 16}}))
-    save_roi_detector(tmp_path / "p.pt", plain.eval(), params, {})
-    payload = torch.load(tmp_path / "p.pt", weights_only=True)
-    del payload["meta"]["config"]["roi_context"]  # written before the context region existed
+    assert _round_trip_config(tmp_path, *_tiny_fast_rcnn(roi_context=1.5))["roi_context"] == 1.5
+    payload = _older_checkpoint(tmp_path, "roi_context")
     torch.save(payload, tmp_path / "old.pt")
     assert load_detector(tmp_path / "old.pt", "cpu").model.config["roi_context"] == 0.0
     payload["meta"]["config"]["roi_context"] = -1.0
