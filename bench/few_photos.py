@@ -2,7 +2,7 @@
 and of most users' own data (a handful of photos per class).
 
     python bench/few_photos.py ../shared/neu data/neu-few [--train-per-class 10] [--val-per-class 10]
-        [--test-per-class all] [--seed 0]
+        [--test-per-class all] [--seed 0] [--dev]
 
 For each class in turn (sorted by name) it picks that many photos holding the class from the source's
 ``train`` list (then ``val``, ``test``), among those not picked yet, with a seeded shuffle of the sorted
@@ -10,7 +10,8 @@ ids: the same source and options give the same set, byte for byte. ``all`` keeps
 (``neu-few`` scores on neu's whole test split). Images and annotations are copied unchanged; the new
 ``ImageSets/Main`` holds ``train``, ``val`` and ``test``, and ``SOURCES.md`` says how the set was made.
 ``neu-few`` (docs/benchmarks.md) is the default: 10 training and 10 validation photos per class of neu's
-6 classes, neu's 590 test photos.
+6 classes, neu's 590 test photos. ``--dev`` makes ``test`` the source's ``val`` photos that were not picked
+for ``val`` instead (neu-few: 235): a larger set to choose configurations on without touching the test split.
 """
 
 from __future__ import annotations
@@ -53,12 +54,16 @@ def pick(ids: Sequence[str], classes_by_id: dict[str, set[str]], per_class: int 
     return sorted(chosen)
 
 
-def build(source: Path, out: Path, per_class: dict[str, int | None], seed: int) -> dict[str, int]:
-    """Write the cut set to ``out`` (replaced whole, atomically); returns the number of photos per split."""
+def build(source: Path, out: Path, per_class: dict[str, int | None], seed: int, dev: bool = False) -> dict[str, int]:
+    """Write the cut set to ``out`` (replaced whole, atomically); returns the number of photos per split. With
+    ``dev``, ``test`` is the source's ``val`` photos not picked for ``val``."""
     root = voc.find_voc_root(source)
     rng = np.random.default_rng(seed)
     picked = {}
     for split in SPLITS:
+        if split == "test" and dev:
+            picked[split] = sorted(set(voc.read_split(root, "val")) - set(picked["val"]))
+            continue
         ids = sorted(voc.read_split(root, split))
         picked[split] = pick(ids, {i: classes_of(root, i) for i in ids}, per_class[split], rng)
     with atomic_dir(out) as tmp:
@@ -70,6 +75,7 @@ def build(source: Path, out: Path, per_class: dict[str, int | None], seed: int) 
                 shutil.copyfile(voc.annotation_path(root, image_id), voc.annotation_path(tmp, image_id))
                 shutil.copyfile(voc.image_path(root, image_id), voc.image_path(tmp, image_id))
         options = ", ".join(f"{split} {'all' if n is None else n} per class" for split, n in per_class.items())
+        options = options.replace("test all per class", "test the unpicked val photos") if dev else options
         (tmp / "SOURCES.md").write_text(
                    f"# {out.name}\n\nCut from `{source}` by `bench/few_photos.py` ({options}, seed {seed}): "
                    + ", ".join(f"{split} {len(ids)}" for split, ids in picked.items()) + " photos.\n")
@@ -93,11 +99,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument("--val-per-class", type=_count, default=10)
         parser.add_argument("--test-per-class", type=_count, default=None)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--dev", action="store_true",
+                            help="test = the source's val photos not picked for val (choose on it, not on test)")
         args = parser.parse_args(argv)
         if not args.source.is_dir():
             raise RcnnError(f"{args.source} is not a folder")
         counts = build(args.source, args.out, {"train": args.train_per_class, "val": args.val_per_class,
-                                               "test": args.test_per_class}, args.seed)
+                                               "test": args.test_per_class}, args.seed, args.dev)
         print(f"{args.out}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " photos")
 
     run_cli(run)

@@ -186,6 +186,12 @@ def test_the_few_photo_builder_takes_n_photos_of_each_class_the_same_way_every_t
     held = [set(a.labels.tolist()) for a in train]
     assert 3 <= len(train) <= 6 and all(sum(c in h for h in held) >= 2 for c in (1, 2, 3))
     assert runs[0]["test"] == voc.read_split(synthetic_voc, "test")  # test: the whole source list
+    dev = subprocess.run([sys.executable, str(BUILDER), str(synthetic_voc), str(tmp_path / "d"), "--train-per-class",
+                          "2", "--val-per-class", "1", "--dev"], capture_output=True, text=True)
+    assert dev.returncode == 0, dev.stderr
+    cut = {s: voc.read_split(tmp_path / "d", s) for s in ("train", "val", "test")}
+    assert (cut["train"], cut["val"]) == (runs[0]["train"], runs[0]["val"])  # the same photos to train and pick on
+    assert cut["test"] and sorted(cut["test"]) == sorted(set(voc.read_split(synthetic_voc, "val")) - set(cut["val"]))
     assert (tmp_path / "a" / "JPEGImages" / f"{train[0].image_id}.jpg").read_bytes() == \
         voc.image_path(synthetic_voc, train[0].image_id).read_bytes()
     bad = subprocess.run([sys.executable, str(BUILDER), str(tmp_path / "nowhere"), str(tmp_path / "c")],
