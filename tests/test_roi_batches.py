@@ -208,16 +208,16 @@ def test_a_float16_step_with_the_scaler_learns_and_skips_overflowing_steps(regio
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 28)  # overflows at first: those steps are skipped
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)  # overflows 4 times (to 2 ** 16), then steps
     meter = _Meter(4, CPU)
-    plan = training_plan(len(examples), 2, np.random.default_rng(0), steps=16)
+    plan = training_plan(len(examples), 2, np.random.default_rng(0), steps=8)
     with mock.patch("rcnn.engine.two_stage_trainer.inference_autocast",
                     lambda device: torch.autocast(device.type, dtype=torch.float16)):
         train_epoch(model, BatchLoader(examples, 0, CPU)(plan), optimizer, scheduler, CPU, meter, 1, 0.01, scaler)
-    assert scaler.get_scale() < 2.0 ** 28  # backed off
+    assert scaler.get_scale() < 2.0 ** 20  # backed off
     assert np.isfinite(meter.result()["loss"])
-    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
-    assert changed  # the steps that did not overflow updated the weights
+    changed = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
+    assert changed  # the steps that did not overflow updated the trained weights
 
 
 def _untrained(regions: Path, synthetic_voc: Path, count: int):
