@@ -76,7 +76,7 @@ FAST_RCNN = {
 # Issue 35: at least 1,440 steps instead of 960 (a set under 120 training photos repeats them; bccd's 2,472 steps
 # are unchanged): the RPN and the head learn from scratch on the same few photos, and 960 steps left them short
 # (neu-few val AP07 0.322 / 0.338 / 0.308 -> 0.430 / 0.384 / 0.397, seeds 0-2; test 0.314 -> 0.373; kangaroo
-# 0.689 -> 0.705, noise, but its whole run takes 951 s instead of about 700; docs/few-photos.md).
+# 0.689 -> 0.705, noise, but its whole run alone now takes 951 s, over 15 minutes; docs/few-photos.md).
 FASTER_RCNN = {**{key: value for key, value in FAST_RCNN.items()
                   if not key.startswith("proposals.") and key not in ("evaluate.max_proposals", "train.val_start")},
                "model.arch": "faster_rcnn", "train.min_steps": 1440}
