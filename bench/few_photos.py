@@ -74,8 +74,8 @@ def build(source: Path, out: Path, per_class: dict[str, int | None], seed: int, 
             for image_id in ids:
                 shutil.copyfile(voc.annotation_path(root, image_id), voc.annotation_path(tmp, image_id))
                 shutil.copyfile(voc.image_path(root, image_id), voc.image_path(tmp, image_id))
-        options = ", ".join(f"{split} {'all' if n is None else n} per class" for split, n in per_class.items())
-        options = options.replace("test all per class", "test the unpicked val photos") if dev else options
+        options = ", ".join("test the unpicked val photos" if split == "test" and dev else
+                            f"{split} {'all' if n is None else n} per class" for split, n in per_class.items())
         (tmp / "SOURCES.md").write_text(
                    f"# {out.name}\n\nCut from `{source}` by `bench/few_photos.py` ({options}, seed {seed}): "
                    + ", ".join(f"{split} {len(ids)}" for split, ids in picked.items()) + " photos.\n")
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument("--test-per-class", type=_count, default=None)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--dev", action="store_true",
-                            help="test = the source's val photos not picked for val (choose on it, not on test)")
+                            help="test = the source's val photos not picked for val, in place of "
+                                 "--test-per-class (choose on it, not on test)")
         args = parser.parse_args(argv)
         if not args.source.is_dir():
             raise RcnnError(f"{args.source} is not a folder")
