@@ -82,7 +82,8 @@ def multiclass_boxes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
                      "image_size": 128, "max_size": 160, "roi_channels": 16, "roi_size": 5, "hidden": 64,
                      "dropout": 0.0},
            "train": {"optimizer": "sgd", "lr": 0.02, "schedule": "cosine", "warmup_epochs": 1, "epochs": 4,
-                     "patience": 4, "device": "cpu", "rois_per_image": 64, "min_steps": 300},
+                     "patience": 4, "device": "cpu", "rois_per_image": 64,
+                     "rare_class_objects": 11, "min_steps_rare": 300},  # dog's 10 boxes make it rare
            "evaluate": {"split": "test", "max_proposals": 150}}
     params = from_dict(raw)
     run_proposals_stage(params, voc_dir, root / "proposals", root / "proposals.json")
@@ -108,7 +109,8 @@ def test_multiclass_fast_rcnn_saves_a_model_with_an_unlearned_class_and_says_whi
     for key in ("train_proposal_recall", "val_proposal_recall"):
         assert set(stored[key]["per_class"]) == set(CLASSES), stored[key]
         assert all(0 <= c["recall_iou50"] <= 1 for c in stored[key]["per_class"].values() if c["gt_boxes"])
-    assert metrics["steps_per_epoch"] == 75  # 20 training images make 10 steps; 300 / 4 epochs asks 75
+    # 20 training images make 10 steps an epoch; a class under 11 boxes raises the floor to 300: 300 / 4 epochs
+    assert metrics["steps_per_epoch"] == 75 and (stored["min_steps"], stored["rarest_class_objects"]) == (300, 10)
     assert stored["backbone_lr"] == 1.0  # train.backbone_lr as given: train.backbone_lr_objects is 0
     assert set(stored["train_fg_accuracy"]) == set(CLASSES), stored
     # car and person learn; dog, the synthetic "blob" that the background's grey blobs imitate, stays at 0 on

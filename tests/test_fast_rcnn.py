@@ -272,7 +272,7 @@ def test_stages_train_and_evaluate_fast_rcnn(tmp_path: Path, synthetic_voc: Path
 
 def test_small_sets_repeat_their_images_to_reach_min_steps():
     t = TrainParams(images_per_batch=2, epochs=10, min_steps=70)
-    assert steps_per_epoch(5, t) == 7 and steps_per_epoch(5, TrainParams(images_per_batch=2)) == 3
+    assert steps_per_epoch(5, t, 70) == 7 and steps_per_epoch(5, TrainParams(images_per_batch=2), 0) == 3
     batches = training_plan(5, 2, np.random.default_rng(0), 7)
     seen = [item.index for batch in batches for item in batch]
     assert [len(b) for b in batches] == [2] * 7 and sorted(set(seen)) == list(range(5))

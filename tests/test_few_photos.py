@@ -16,7 +16,7 @@ import torch
 from rcnn.data import voc
 from rcnn.engine import device as device_module
 from rcnn.engine.device import precision_name
-from rcnn.engine.optim import backbone_rate, build_optimizer
+from rcnn.engine.optim import backbone_rate, build_optimizer, step_floor
 from rcnn.engine.two_stage_batches import Example, repeat_factors, training_order
 from rcnn.engine.two_stage_trainer import init_class_prior
 from rcnn.families.fast_rcnn.model import build_fast_rcnn
@@ -65,6 +65,21 @@ def test_the_backbone_rate_derived_from_the_rarest_class_grows_with_its_boxes_up
     assert [backbone_rate(derived, n) for n in (0, 15, 75, 128, 150, 209)] == \
         [0.1, 0.1, 0.5, pytest.approx(128 / 150), 1.0, 1.0]
     assert backbone_rate(TrainParams(backbone_lr=0.3), 10_000) == 0.3  # not derived: the value as given
+
+
+def test_the_step_floor_rises_only_where_the_rarest_class_has_few_boxes():
+    derived = TrainParams(min_steps=960, rare_class_objects=50, min_steps_rare=1440)
+    # neu-few's rarest class (15 boxes) gets the higher floor; kangaroo's 128 and bccd's 209 keep train.min_steps
+    assert [step_floor(derived, n) for n in (1, 15, 49, 50, 128, 209)] == [1440, 1440, 1440, 960, 960, 960]
+    assert step_floor(TrainParams(min_steps=960), 1) == 960  # not derived: train.min_steps as given
+    assert step_floor(TrainParams(min_steps=2000, rare_class_objects=50, min_steps_rare=1440), 1) == 2000
+
+
+@pytest.mark.parametrize("train", [{"rare_class_objects": 50}, {"min_steps_rare": 1440}])
+def test_a_rare_step_floor_without_its_other_half_is_refused(train: dict):
+    with pytest.raises(ParamError, match=r"train\.rare_class_objects = \d+ and train\.min_steps_rare = \d+ work "
+                                         r"together"):
+        from_dict({"model": {"arch": "fast_rcnn"}, "train": train})
 
 
 def test_the_class_prior_starts_scores_at_the_sampled_shares():
@@ -167,7 +182,7 @@ def test_classifier_combinations_that_would_be_ignored_or_break_are_refused(raw:
 
 
 @pytest.mark.parametrize("key, value", [("repeat_threshold", 0.5), ("backbone_lr", 0.1), ("backbone_lr_objects", 150),
-                                        ("prior_init", True)])
+                                        ("rare_class_objects", 50), ("prior_init", True)])
 def test_r_cnn_refuses_the_two_stage_sampling_keys_instead_of_ignoring_them(key: str, value: object):
     with pytest.raises(ParamError, match=rf"train\.{key} .*are Fast and Faster R-CNN's"):
         from_dict({"train": {key: value}})

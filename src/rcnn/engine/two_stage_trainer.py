@@ -6,8 +6,9 @@ Every step takes ``train.images_per_batch`` images (mirrored at random, ``train.
 a fresh sample of ``train.rois_per_image`` RoIs per image from *all* its proposals plus
 the ground truth, ``train.fg_fraction`` of them foreground: each epoch sees a new sample.
 On a small training set an epoch passes over the images several times, so that the run makes at
-least ``train.min_steps`` steps: a new head needs a number of *steps*, not of passes, to learn
-foreground (11 VOC photos, 20 classes: 144 steps learned background only, 1,200 fitted them).
+least ``train.min_steps`` steps (``train.min_steps_rare`` where a class has few boxes): a new head needs a number
+of *steps*, not of passes, to learn foreground (11 VOC photos, 20 classes: 144 steps learned background only, 1,200
+fitted them).
 Optimiser and schedule come from :mod:`rcnn.engine.optim` (SGD with warm-up and decay is the Fast R-CNN
 recipe). After each epoch (from the one ``train.val_start`` sets on) the model is scored on the
 validation split, one backbone pass per image serving both the multi-task loss on a fixed RoI sample and
@@ -32,7 +33,8 @@ from tqdm import tqdm
 from rcnn.data import voc
 from rcnn.engine.device import (in_float32_if_not_finite, inference_autocast, precision_name, seeded_rng,
                                 select_device, training_scaler, tune_for_bounded_shapes)
-from rcnn.engine.optim import backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent
+from rcnn.engine.optim import (backbone_rate, build_optimizer, build_scheduler, first_validated_epoch, patience_spent,
+                               step_floor)
 from rcnn.engine.resume import ResumePoint, open_resume_point, restore_training, save_epoch, stage_live
 from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, grouped_batches, in_order_plan, load_example,
                                            loader_workers, orientation_groups, repeat_factors, to_device, training_examples,
@@ -66,11 +68,11 @@ def init_class_prior(model: RoIDetector, fg_fraction: float) -> None:
         score.bias[1:] = float(np.log(fg_fraction / classes))
 
 
-def steps_per_epoch(num_images: int, t: TrainParams) -> int:
+def steps_per_epoch(num_images: int, t: TrainParams, min_steps: int) -> int:
     """Optimiser steps in one epoch: a pass over the training images, lengthened on a small set so that
-    ``train.epochs`` epochs make at least ``train.min_steps`` steps (the schedule, warm-up and validation
-    points scale with it)."""
-    return max(-(-num_images // t.images_per_batch), -(-t.min_steps // t.epochs))
+    ``train.epochs`` epochs make at least ``min_steps`` steps (:func:`step_floor`; the schedule, warm-up and
+    validation points scale with it)."""
+    return max(-(-num_images // t.images_per_batch), -(-min_steps // t.epochs))
 
 
 class _Meter:
@@ -196,9 +198,11 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     if t.prior_init:
         init_class_prior(model, t.fg_fraction)
     repeat, class_repeat = repeat_factors(train, params.num_classes, t.repeat_threshold)
-    backbone_lr = backbone_rate(t, int(objects[1:][objects[1:] > 0].min()))
+    rarest_class_objects = int(objects[1:][objects[1:] > 0].min())
+    backbone_lr = backbone_rate(t, rarest_class_objects)
     optimizer = build_optimizer(model.parameters(), t, model.body.parameters(), backbone_lr)
-    steps = steps_per_epoch(len(train), t)
+    min_steps = step_floor(t, rarest_class_objects)
+    steps = steps_per_epoch(len(train), t, min_steps)
     scheduler = build_scheduler(optimizer, steps, t)
     workers = loader_workers(t.workers, device)
     train_loader = BatchLoader(train, workers, device)
@@ -268,7 +272,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     trained = roi_meter(model, train_loader, len(train), t.images_per_batch, device).tally
     collapsed, unlearned = check_trained(
         trained, params.classes, objects, with_weights_advice(
-            f"train longer (train.min_steps, now {t.min_steps}; train.epochs, now {t.epochs}; this run made {steps} "
+            f"train longer (train.min_steps, now {min_steps}; train.epochs, now {t.epochs}; this run made {steps} "
             f"steps an epoch) or lower train.lr (now {t.lr})", params.model.weights), t.allow_collapse)
     best.update(collapsed=collapsed, unlearned_classes=unlearned, train_fg_accuracy=trained.per_class(params.classes),
                 train_fg_accuracy_overall=trained.fg_accuracy(),
@@ -282,9 +286,10 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
             "steps_per_second": round(timing["steps"] / max(timing["step_seconds"], 1e-9), 4),
             "validation_seconds": round(timing["validation_seconds"] / max(timing["validated_epochs"], 1), 3),
             "workers": workers, "batch_shapes": "grouped" if grouped else "free",
-            # derived from the data: how often each class's images are drawn (train.repeat_threshold), and the
+            # derived from the data: how often each class's images are drawn (train.repeat_threshold), the
             # pre-trained backbone's rate as a multiple of train.lr (train.backbone_lr, train.backbone_lr_objects)
-            "backbone_lr": backbone_lr,
+            # and the step floor (train.min_steps, train.min_steps_rare, train.rare_class_objects)
+            "backbone_lr": backbone_lr, "min_steps": min_steps, "rarest_class_objects": rarest_class_objects,
             "repeat_factors": {name: round(float(class_repeat[i]), 4) for i, name in enumerate(params.classes, 1)},
             "resumed_from_epoch": resumed_from}
 

@@ -196,12 +196,17 @@ def check_consistency(p: Params) -> None:
                          f"are R-CNN's: {ARCH_NAMES[p.model.arch]} trains its head end to end and would ignore "
                          f"them; set them to 'softmax' (or 'cosine'), 0 and 'configured', or model.arch = 'rcnn'")
     if p.model.arch == "rcnn" and (p.train.repeat_threshold or p.train.backbone_lr != 1.0 or p.train.prior_init
-                                   or p.train.backbone_lr_objects):
+                                   or p.train.backbone_lr_objects or p.train.rare_class_objects):
         raise ParamError(f"train.repeat_threshold = {p.train.repeat_threshold}, train.backbone_lr = "
-                         f"{p.train.backbone_lr}, train.backbone_lr_objects = {p.train.backbone_lr_objects} and "
+                         f"{p.train.backbone_lr}, train.backbone_lr_objects = {p.train.backbone_lr_objects}, "
+                         f"train.rare_class_objects = {p.train.rare_class_objects} and "
                          f"train.prior_init = {str(p.train.prior_init).lower()} are Fast and Faster R-CNN's: R-CNN "
-                         f"would ignore them; set them to 0.0, 1.0, 0 and false, or model.arch = 'fast_rcnn' or "
+                         f"would ignore them; set them to 0.0, 1.0, 0, 0 and false, or model.arch = 'fast_rcnn' or "
                          f"'faster_rcnn'")
+    if bool(p.train.rare_class_objects) != bool(p.train.min_steps_rare):
+        raise ParamError(f"train.rare_class_objects = {p.train.rare_class_objects} and train.min_steps_rare = "
+                         f"{p.train.min_steps_rare} work together: a set whose rarest class has fewer objects than the "
+                         f"first trains at least the second's steps; set both above 0, or both to 0")
     if p.train.prior_init and p.model.classifier == "cosine":
         raise ParamError("train.prior_init = true needs model.classifier = 'softmax': the cosine classifier has no "
                          "biases to start at the class shares")

@@ -164,6 +164,10 @@ class TrainParams:
     backbone_lr: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
     # > 0: the backbone's multiple derived from the data, min(1, max(backbone_lr, rarest class's objects / this))
     backbone_lr_objects: int = field(default=0, metadata=_range(0, 1_000_000))
+    # > 0: a class with fewer training objects than this is rare, and a set with a rare class trains at least
+    # min_steps_rare steps instead of min_steps
+    rare_class_objects: int = field(default=0, metadata=_range(0, 1_000_000))
+    min_steps_rare: int = field(default=0, metadata=_range(0))
     prior_init: bool = False
     # Fast/Faster R-CNN: processes reading and decoding training images beside the step; auto: none on a CPU,
     # half the cores (at most 8) beside a GPU. Never changes the result, only how soon batches are ready.
