@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from rcnn.data import voc
 from rcnn.engine.device import inference_dtype, select_device
-from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch
+from rcnn.engine.optim import build_optimizer, build_scheduler, first_validated_epoch, step_floor
 from rcnn.engine.resume import ResumePoint, restore_training, resume_key, save_epoch
 from rcnn.engine.two_stage_batches import draw_flips
 from rcnn.engine.two_stage_trainer import steps_per_epoch
 from rcnn.evaluation.bootstrap import map_intervals
+from rcnn.evaluation.class_accuracy import objects_per_class, rarest_class_objects
 from rcnn.evaluation.voc_eval import Detections, evaluate_detections
 from rcnn.modeling.backbones import backbone_units, build_backbone
 from rcnn.modeling.image_input import flipped, image_tensor
@@ -150,7 +151,9 @@ def fit(model: FasterRCNN, params: Params, root: Path, train: Sequence[voc.Annot
     t = params.train
     model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
-    steps = steps_per_epoch(len(train), t)
+    # the pipeline's step floor, derived from the same objects (difficult ones excluded, as the batches do)
+    objects = objects_per_class([ann.labels[~ann.difficult] for ann in train], params.num_classes)
+    steps = steps_per_epoch(len(train), t, step_floor(t, rarest_class_objects(objects)))
     scheduler = build_scheduler(optimizer, steps, t)
     rng = np.random.default_rng(params.seed)
     best_ap, best_epoch, best_state, done, earlier = -1.0, 0, None, 0, 0.0

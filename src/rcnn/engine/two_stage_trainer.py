@@ -40,7 +40,7 @@ from rcnn.engine.two_stage_batches import (Batch, BatchLoader, Example, grouped_
                                            loader_workers, orientation_groups, repeat_factors, to_device, training_examples,
                                            training_plan)
 from rcnn.evaluation.class_accuracy import (ClassTally, check_trained, check_training_objects, objects_per_class,
-                                            with_weights_advice)
+                                            rarest_class_objects, with_weights_advice)
 from rcnn.evaluation.validation import scored_regions_recall, split_ap, warn_if_unscorable
 from rcnn.evaluation.voc_eval import Detections
 from rcnn.modeling.image_input import to_continuous
@@ -198,10 +198,10 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     if t.prior_init:
         init_class_prior(model, t.fg_fraction)
     repeat, class_repeat = repeat_factors(train, params.num_classes, t.repeat_threshold)
-    rarest_class_objects = int(objects[1:][objects[1:] > 0].min())
-    backbone_lr = backbone_rate(t, rarest_class_objects)
+    rarest = rarest_class_objects(objects)
+    backbone_lr = backbone_rate(t, rarest)
     optimizer = build_optimizer(model.parameters(), t, model.body.parameters(), backbone_lr)
-    min_steps = step_floor(t, rarest_class_objects)
+    min_steps = step_floor(t, rarest)
     steps = steps_per_epoch(len(train), t, min_steps)
     scheduler = build_scheduler(optimizer, steps, t)
     workers = loader_workers(t.workers, device)
@@ -289,7 +289,7 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
             # derived from the data: how often each class's images are drawn (train.repeat_threshold), the
             # pre-trained backbone's rate as a multiple of train.lr (train.backbone_lr, train.backbone_lr_objects)
             # and the step floor (train.min_steps, train.min_steps_rare, train.rare_class_objects)
-            "backbone_lr": backbone_lr, "min_steps": min_steps, "rarest_class_objects": rarest_class_objects,
+            "backbone_lr": backbone_lr, "min_steps": min_steps, "rarest_class_objects": rarest,
             "repeat_factors": {name: round(float(class_repeat[i]), 4) for i, name in enumerate(params.classes, 1)},
             "resumed_from_epoch": resumed_from}
 

@@ -67,6 +67,13 @@ def objects_per_class(labels: Sequence[np.ndarray], num_classes: int) -> np.ndar
     return np.bincount(joined, minlength=num_classes)[:num_classes]
 
 
+def rarest_class_objects(objects: np.ndarray) -> int:
+    """The training objects of the rarest class that has any (:func:`objects_per_class`' counts), what the
+    two-stage trainers derive the backbone's rate and the step floor from."""
+    present = objects[1:][objects[1:] > 0]
+    return int(present.min()) if present.size else 0
+
+
 def check_training_objects(objects: np.ndarray, classes: Sequence[str], split: str) -> None:
     """One error if the training split has no objects of any class (nothing to learn); a warning naming the
     classes it has none of (the model cannot learn those)."""
