@@ -137,7 +137,7 @@ def test_fast_rcnn_forced_to_background_is_one_error_and_no_model(multiclass_box
 
     monkeypatch.setattr(fast_rcnn_family, "build_fast_rcnn", background_only)
     tiny = json.loads(json.dumps(raw))
-    tiny["train"].update(lr=1e-9, epochs=2, patience=2, min_steps=0)
+    tiny["train"].update(lr=1e-9, epochs=2, patience=2, rare_class_objects=0, min_steps_rare=0)
     with pytest.raises(RcnnError, match=r"^training collapsed: .*train\.min_steps"):
         _train(tiny, voc_dir, root, tmp_path)
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "train.json").exists()
