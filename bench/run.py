@@ -153,14 +153,17 @@ def bench_proposals(w: Workload, repeats: int) -> tuple[dict, list[Row], selecti
     # Start the worker pool outside the timings (joblib reuses it; the stages pay this once per run).
     _, pool_start = timed(lambda: selective_search.compute_proposals(w.root, w.ids[:n_jobs], p.mode, p.max_proposals,
                                                               p.max_side, p.min_size, n_jobs=p.n_jobs,
-                                                              backend=p.backend, desc="proposals warm-up"))
+                                                              backend=p.backend, desc="proposals warm-up",
+                                                              reference_pixels=p.reference_pixels))
     one, many, tut = [], [], []
     for r in range(repeats):
         run1 = selective_search.compute_proposals(w.root, w.ids, p.mode, p.max_proposals, p.max_side, p.min_size, n_jobs=1,
-                                           backend=p.backend, desc=f"proposals 1 job #{r + 1}")
+                                           backend=p.backend, desc=f"proposals 1 job #{r + 1}",
+                                           reference_pixels=p.reference_pixels)
         run_n = selective_search.compute_proposals(w.root, w.ids, p.mode, p.max_proposals, p.max_side, p.min_size,
                                             n_jobs=p.n_jobs, backend=p.backend,
-                                            desc=f"proposals {n_jobs} jobs #{r + 1}")
+                                            desc=f"proposals {n_jobs} jobs #{r + 1}",
+                                            reference_pixels=p.reference_pixels)
         run_t = tutorial.compute_proposals(w.root, w.ids)
         one.append(len(run1.boxes) / run1.seconds)
         many.append(len(run_n.boxes) / run_n.seconds)
@@ -309,7 +312,7 @@ def _detect_pass(w: Workload, detector: RCNNDetector, image_ids: Sequence[str],
         image = voc.read_image(voc.image_path(w.root, image_id))
         boxes, seconds = timed(lambda: selective_search.selective_search(
             image, p.proposals.eval_mode, max_proposals, p.proposals.max_side, p.proposals.min_size,
-            selective_search.image_seed(image_id)))
+            selective_search.image_seed(image_id), p.proposals.reference_pixels))
         ours["proposals"] += seconds
         found += len(detector.detect(image, boxes))
         count, times = tutorial.detect(detector.model, image, p.regions.crop_size, max_proposals, detector.device)

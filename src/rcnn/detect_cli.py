@@ -51,6 +51,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-proposals", type=int, default=300)
     parser.add_argument("--mode", choices=("fast", "quality"), default="fast", help="selective search mode")
     parser.add_argument("--max-side", type=int, default=500, help="selective search image size (longer side)")
+    parser.add_argument("--reference-pixels", type=int, default=0,
+                        help="selective search segments an image of fewer pixels more finely, as "
+                             "proposals.reference_pixels (default 0: OpenCV's scale everywhere)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     return parser.parse_args(argv)
 
@@ -61,6 +64,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_side < 32:
         raise RcnnError(f"--max-side {args.max_side} is invalid: selective search needs at least 32 pixels "
                         f"(default 500)")
+    if args.reference_pixels < 0:
+        raise RcnnError(f"--reference-pixels {args.reference_pixels} is invalid: 0 (off) or a pixel count")
     if args.every < 1:
         raise RcnnError(f"--every {args.every} is invalid: score every N-th frame with N >= 1")
     if args.json is not None and args.json.is_dir():
@@ -185,7 +190,8 @@ def _detect_video(path: Path, detector: Detector, args: argparse.Namespace, outp
     tmp = None if target is None else target.with_name(f".{target.stem}.tmp.mp4")  # whole videos only
     try:
         for index, frame, fps in tqdm(_frames(path, args.every), desc=path.name, unit="frame", leave=False):
-            found = detect_image(frame, detector, args.mode, args.max_proposals, args.max_side)
+            found = detect_image(frame, detector, args.mode, args.max_proposals, args.max_side,
+                                 reference_pixels=args.reference_pixels)
             _record(report, path, index, found, detector.classes, prefix)
             scored += 1
             if tmp is not None:
@@ -228,7 +234,8 @@ def detect_inputs(paths: Sequence[Path], detector: Detector, args: argparse.Name
                 raise
             report.skip(path, str(err).removeprefix(f"{path}: "))
             continue
-        found = detect_image(image, detector, args.mode, args.max_proposals, args.max_side)
+        found = detect_image(image, detector, args.mode, args.max_proposals, args.max_side,
+                             reference_pixels=args.reference_pixels)
         _record(report, path, None, found, detector.classes, not single)
         report.images += 1
         if args.out is not None:

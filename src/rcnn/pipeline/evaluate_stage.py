@@ -127,9 +127,10 @@ def run_evaluate_stage(params: Params, voc_dir: str | Path = "data/voc", proposa
 # ---------------------------------------------------------------- one image
 
 def detect_image(image_bgr: np.ndarray, detector: Detector, mode: str = "fast", max_proposals: int = 300,
-                 max_side: int | None = 500, min_size: int = 10) -> Detections:
+                 max_side: int | None = 500, min_size: int = 10, reference_pixels: int = 0) -> Detections:
     """Selective search (unless the detector proposes its own regions) + detection on one arbitrary image."""
     if not detector.takes_proposals:
         return detector.detect(image_bgr, None)
-    proposals = selective_search(image_bgr, mode, max_proposals, max_side, min_size)
+    proposals = selective_search(image_bgr, mode, max_proposals, max_side, min_size,
+                                 reference_pixels=reference_pixels)
     return detector.detect(image_bgr, proposals)

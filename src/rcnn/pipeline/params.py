@@ -67,6 +67,8 @@ class ProposalParams:
     max_proposals: int = field(default=2000, metadata=_range(1))
     max_side: Optional[int] = field(default=500, metadata=_range(32))
     min_size: int = field(default=10, metadata=_range(1))
+    # > 0: a searched image of fewer pixels segments at a proportionally finer scale (OpenCV's k = 150 below it)
+    reference_pixels: int = field(default=0, metadata=_range(0, 100_000_000))
     n_jobs: int = field(default=-1, metadata=_range(-1, 1024))  # -1: every core; 0 is refused below
     backend: Literal["loky", "multiprocessing", "threading", "dask", "ray"] = "loky"
     scheduler: Optional[str] = None
