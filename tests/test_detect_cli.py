@@ -69,9 +69,10 @@ def test_a_glob_pattern_and_an_unreadable_video_are_handled(checkpoint, syntheti
     assert first[0].endswith("000001.jpg") and first[1] == "-" and first[2] in CLASSES
 
 
-def test_bad_every_and_a_json_folder_are_one_line_errors(checkpoint, synthetic_voc, tmp_path, capsys):
+def test_bad_every_reference_pixels_and_a_json_folder_are_one_line_errors(checkpoint, synthetic_voc, tmp_path, capsys):
     image = str(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "val")[0]))
-    for extra, message in ((["--every", "0"], "--every 0 is invalid"), (["--json", str(tmp_path)], "is a folder")):
+    for extra, message in ((["--every", "0"], "--every 0 is invalid"), (["--json", str(tmp_path)], "is a folder"),
+                           (["--reference-pixels", "-1"], "--reference-pixels -1 is invalid")):
         with pytest.raises(SystemExit) as err:
             main([image, "--checkpoint", str(checkpoint), *extra])
         text = capsys.readouterr().err

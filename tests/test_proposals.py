@@ -66,6 +66,21 @@ def test_max_side_maps_boxes_back_to_original_coordinates():
     assert len(np.unique(boxes, axis=0)) == len(boxes)
 
 
+def test_a_small_image_segments_finer_below_the_reference_size_and_is_unchanged_without_one(synthetic_voc):
+    # Felzenszwalb's k counts pixels: OpenCV's 150 above the reference, proportionally less below it
+    assert [selective_search.segmentation_k(n, 67_500) for n in (40_000, 67_500, 200_000)] == [89, 150, 150]
+    assert selective_search.segmentation_k(40_000, 0) == 150 and selective_search.segmentation_k(1, 10**8) == 1
+    ids = voc.read_split(synthetic_voc, "train")[:2]  # the synthetic photos are 128-160 px: below 300x225
+    runs = [selective_search.compute_proposals(synthetic_voc, ids, "fast", 2000, None, n_jobs=1, reference_pixels=r)
+            for r in (0, 67_500)]
+    assert all(len(runs[1].boxes[i]) > len(runs[0].boxes[i]) for i in ids)
+    # 0, or a reference the image reaches, keeps OpenCV's own search to the byte
+    image = voc.read_image(voc.image_path(synthetic_voc, ids[0]))
+    np.testing.assert_array_equal(selective_search.selective_search(
+        image, "fast", 2000, None, seed=selective_search.image_seed(ids[0]),
+        reference_pixels=image.shape[0] * image.shape[1]), runs[0].boxes[ids[0]])
+
+
 def test_ranking_does_not_depend_on_previously_processed_images(synthetic_voc):
     first, second = (voc.read_image(voc.image_path(synthetic_voc, i)) for i in voc.read_split(synthetic_voc, "val")[:2])
     before = selective_search.selective_search(first, max_side=128, seed=7)
