@@ -272,8 +272,9 @@ def fit(model: RoIDetector, detector_cls: type[RoIDetection], train: list[Exampl
     trained = roi_meter(model, train_loader, len(train), t.images_per_batch, device).tally
     collapsed, unlearned = check_trained(
         trained, params.classes, objects, with_weights_advice(
-            f"train longer (train.min_steps, now {min_steps}; train.epochs, now {t.epochs}; this run made {steps} "
-            f"steps an epoch) or lower train.lr (now {t.lr})", params.model.weights), t.allow_collapse)
+            f"train longer (train.min_steps or min_steps_rare: the floor now {min_steps}; train.epochs, now "
+            f"{t.epochs}; this run made {steps} steps an epoch) or lower train.lr (now {t.lr})", params.model.weights),
+        t.allow_collapse)
     best.update(collapsed=collapsed, unlearned_classes=unlearned, train_fg_accuracy=trained.per_class(params.classes),
                 train_fg_accuracy_overall=trained.fg_accuracy(),
                 train_proposal_recall=training_proposal_recall(model, detector_cls, train, params, device))
