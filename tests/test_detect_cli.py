@@ -77,3 +77,32 @@ def test_bad_every_reference_pixels_and_a_json_folder_are_one_line_errors(checkp
             main([image, "--checkpoint", str(checkpoint), *extra])
         text = capsys.readouterr().err
         assert err.value.code == 2 and message in text and len(text.strip().splitlines()) == 1
+
+
+def test_selective_search_runs_as_the_checkpoints_evaluation_did_unless_a_flag_says_otherwise(
+        synthetic_voc, tmp_path, monkeypatch):
+    from rcnn.families.fast_rcnn.model import build_fast_rcnn
+    from rcnn.modeling.two_stage import save_roi_detector
+    from rcnn.pipeline.params import from_dict
+
+    params = from_dict({"classes": CLASSES, "model": {"arch": "fast_rcnn", "backbone": "resnet18", "weights": "none",
+                                                      "image_size": 128, "max_size": 192, "roi_channels": 8,
+                                                      "hidden": 16},
+                        "proposals": {"eval_mode": "quality", "max_side": 240, "reference_pixels": 30_000,
+                                      "max_proposals": 150},
+                        "evaluate": {"max_proposals": 400}})
+    path = tmp_path / "model.pt"
+    save_roi_detector(path, build_fast_rcnn(params, 0.5, 0.5), params, {})
+    calls = []
+
+    def search(image, mode, max_proposals, max_side, min_size, reference_pixels):
+        calls.append((mode, max_proposals, max_side, reference_pixels))
+        return np.array([[0, 0, 20, 20]], dtype=np.float32)
+
+    monkeypatch.setattr("rcnn.pipeline.evaluate_stage.selective_search", search)
+    image = str(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "val")[0]))
+    main([image, "--checkpoint", str(path), "--device", "cpu"])
+    main([image, "--checkpoint", str(path), "--device", "cpu", "--mode", "fast", "--max-proposals", "50",
+          "--max-side", "500", "--reference-pixels", "0"])
+    # the stage scored the first 400 of its 150 proposals: 150
+    assert calls == [("quality", 150, 240, 30_000), ("fast", 50, 500, 0)]

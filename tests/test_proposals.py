@@ -106,6 +106,8 @@ def test_stage_writes_one_file_per_split_and_mode_with_metrics(synthetic_voc, tm
     assert sorted(metrics["files"]) == ["test-fast", "train-fast", "val-fast"]
     assert metrics["images"] == sum(len(voc.read_split(synthetic_voc, s)) for s in ("train", "val", "test"))
     assert metrics["skipped_images"] == 0 and metrics["n_jobs"] == 1
+    # the settings that shaped the boxes, beside their recall
+    assert (metrics["max_side"], metrics["max_proposals"], metrics["reference_pixels"]) == (128, 300, 0)
     assert 0.5 <= metrics["recall_iou50"] <= 1.0 and metrics["recall_iou70"] <= metrics["recall_iou50"]
     assert metrics["images_per_second"] > 0
     loaded = selective_search.load_proposals(selective_search.proposal_file(tmp_path / "proposals", "val", "fast"))

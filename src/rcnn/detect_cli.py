@@ -48,28 +48,54 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--score", type=float, default=0.5, help="minimum score to report (default 0.5)")
     parser.add_argument("--nms", type=float, default=0.3, help="class-wise NMS IoU (default 0.3)")
     parser.add_argument("--max-detections", type=int, default=100)
-    parser.add_argument("--max-proposals", type=int, default=300)
-    parser.add_argument("--mode", choices=("fast", "quality"), default="fast", help="selective search mode")
-    parser.add_argument("--max-side", type=int, default=500, help="selective search image size (longer side)")
-    parser.add_argument("--reference-pixels", type=int, default=0,
+    # Selective search as the checkpoint's evaluation ran it unless given: proposals made another way than
+    # the ones the model was chosen on cost AP without a word.
+    parser.add_argument("--max-proposals", type=int, help="proposals scored an image (default: the checkpoint's "
+                        "evaluate.max_proposals, else 300)")
+    parser.add_argument("--mode", choices=("fast", "quality"), help="selective search mode (default: the "
+                        "checkpoint's proposals.eval_mode, else fast)")
+    parser.add_argument("--max-side", type=int, help="selective search image size, longer side (default: the "
+                        "checkpoint's proposals.max_side, else 500)")
+    parser.add_argument("--reference-pixels", type=int,
                         help="selective search segments an image of fewer pixels more finely, as "
-                             "proposals.reference_pixels (default 0: OpenCV's scale everywhere)")
+                             "proposals.reference_pixels (default: the checkpoint's, else 0: OpenCV's scale)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     return parser.parse_args(argv)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or args.max_proposals < 1 or args.max_detections < 1:
+    if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or (args.max_proposals or 1) < 1 or args.max_detections < 1:
         raise RcnnError("--score must be in [0, 1), --nms in (0, 1], --max-proposals and --max-detections >= 1")
-    if args.max_side < 32:
-        raise RcnnError(f"--max-side {args.max_side} is invalid: selective search needs at least 32 pixels "
-                        f"(default 500)")
-    if args.reference_pixels < 0:
+    if args.max_side is not None and args.max_side < 32:
+        raise RcnnError(f"--max-side {args.max_side} is invalid: selective search needs at least 32 pixels")
+    if args.reference_pixels is not None and args.reference_pixels < 0:
         raise RcnnError(f"--reference-pixels {args.reference_pixels} is invalid: 0 (off) or a pixel count")
     if args.every < 1:
         raise RcnnError(f"--every {args.every} is invalid: score every N-th frame with N >= 1")
     if args.json is not None and args.json.is_dir():
         raise RcnnError(f"--json {args.json} is a folder: name the file to write, e.g. {args.json / 'detections.json'}")
+
+
+SEARCH_DEFAULTS = {"mode": "fast", "max_side": 500, "reference_pixels": 0, "max_proposals": 300}
+
+
+def evaluated_search_settings(params: dict) -> dict:
+    """The selective-search settings the evaluate stage ran with, from a checkpoint's saved params (the keys
+    it lacks left out): it scored the first ``evaluate.max_proposals`` of ``proposals.max_proposals``."""
+    search, evaluate = params.get("proposals") or {}, params.get("evaluate") or {}
+    counts = [n for n in (search.get("max_proposals"), evaluate.get("max_proposals")) if n is not None]
+    found = {"mode": search.get("eval_mode"), "max_side": search.get("max_side"),
+             "reference_pixels": search.get("reference_pixels"), "max_proposals": min(counts) if counts else None}
+    return {flag: value for flag, value in found.items() if value is not None}
+
+
+def fill_search_settings(args: argparse.Namespace, meta: dict) -> None:
+    """Every selective-search flag not given takes the value the checkpoint's evaluation used, or the old
+    default where the checkpoint does not say (one saved before the key existed)."""
+    saved = evaluated_search_settings(meta.get("params") or {})
+    for flag, default in SEARCH_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, saved.get(flag, default))
 
 
 def _writable_place(flag: str, path: Path) -> None:
@@ -257,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      max_detections=args.max_detections)
         except RcnnError as err:  # the device check speaks of params.yaml's key; here it came from --device
             raise RcnnError(str(err).replace("train.device", "--device")) from None
+        fill_search_settings(args, detector.meta)
         report = detect_inputs(paths, detector, args)
         if report.skipped and not report.images and not report.frames:
             first = report.skipped[0]

@@ -347,7 +347,7 @@ def run_proposals_stage(params: Params, voc_dir: str | Path = "data/voc", out_di
             seconds += run.seconds
     metrics = {**_summary(all_boxes, all_gt, all_skipped, seconds), "files": files,
                "n_jobs": joblib.effective_n_jobs(p.n_jobs), "backend": p.backend, "max_side": p.max_side,
-               "max_proposals": p.max_proposals}
+               "max_proposals": p.max_proposals, "reference_pixels": p.reference_pixels}
     write_json(metrics_path, metrics)
     return metrics
 
