@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rcnn.data import voc
-from rcnn.detect_cli import main
+from rcnn.detect_cli import evaluated_search_settings, main
 
 CLASSES = ["car", "dog", "person"]
 
@@ -106,3 +106,7 @@ def test_selective_search_runs_as_the_checkpoints_evaluation_did_unless_a_flag_s
           "--max-side", "500", "--reference-pixels", "0"])
     # the stage scored the first 400 of its 150 proposals: 150
     assert calls == [("quality", 150, 240, 30_000), ("fast", 50, 500, 0)]
+    # a checkpoint searched at full size (max_side null) stays at full size; one saved before the keys existed
+    # searches as rcnn-detect always did (fast, 500, 0, 300)
+    assert evaluated_search_settings({"proposals": {"max_side": None}}) == {"max_side": None}
+    assert evaluated_search_settings({}) == {}

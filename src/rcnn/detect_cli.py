@@ -81,12 +81,15 @@ SEARCH_DEFAULTS = {"mode": "fast", "max_side": 500, "reference_pixels": 0, "max_
 
 def evaluated_search_settings(params: dict) -> dict:
     """The selective-search settings the evaluate stage ran with, from a checkpoint's saved params (the keys
-    it lacks left out): it scored the first ``evaluate.max_proposals`` of ``proposals.max_proposals``."""
+    it lacks left out; ``max_side`` null is the full size): it scored the first ``evaluate.max_proposals`` of
+    ``proposals.max_proposals``."""
     search, evaluate = params.get("proposals") or {}, params.get("evaluate") or {}
+    found = {flag: search[key] for flag, key in (("mode", "eval_mode"), ("max_side", "max_side"),
+                                                 ("reference_pixels", "reference_pixels")) if key in search}
     counts = [n for n in (search.get("max_proposals"), evaluate.get("max_proposals")) if n is not None]
-    found = {"mode": search.get("eval_mode"), "max_side": search.get("max_side"),
-             "reference_pixels": search.get("reference_pixels"), "max_proposals": min(counts) if counts else None}
-    return {flag: value for flag, value in found.items() if value is not None}
+    if counts:
+        found["max_proposals"] = min(counts)
+    return found
 
 
 def fill_search_settings(args: argparse.Namespace, meta: dict) -> None:
