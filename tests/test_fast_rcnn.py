@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import roi_align
 
 from rcnn.data import voc
 from rcnn.engine.two_stage_batches import Example, load_example, training_plan
 from rcnn.engine.two_stage_trainer import steps_per_epoch
 from rcnn.families.fast_rcnn.model import FastRCNN, FastRCNNDetector
-from rcnn.modeling.roi_heads import RoIAlignPool
+from rcnn.modeling.roi_heads import RoIAlignPool, gathered_roi_align
 from rcnn.modeling.two_stage import save_roi_detector
 from rcnn.pipeline.evaluate_stage import run_evaluate_stage
 from rcnn.pipeline.family_registry import family, load_detector, run_features_stage, run_regions_stage, run_train_stage
@@ -40,6 +41,22 @@ def test_roi_pooling_equals_pooling_the_region_cropped_by_hand():
     by_hand = torch.nn.functional.avg_pool2d(fmap[:, :, 4:18, 8:22], 2)  # 2x2 pixels per output bin
     assert pooled.shape == (1, 5, 7, 7)
     torch.testing.assert_close(pooled, by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_roi_pooling_gives_torchvisions_values_and_gradients_for_boxes_in_on_and_off_the_map():
+    torch.manual_seed(0)
+    fmap = torch.randn(2, 6, 9, 12, requires_grad=True)
+    boxes = [torch.zeros(0, 4),  # an image without RoIs
+             torch.tensor([[0.0, 0.0, 12.0, 9.0], [3.3, 2.1, 3.3, 2.1], [-5.0, -4.0, 2.0, 3.0],  # whole, a point, off
+                           [10.5, 7.5, 30.0, 20.0], [-40.0, -40.0, -30.0, -30.0], [1.2, 0.7, 8.9, 6.4]]) * 16]
+    ours = gathered_roi_align(fmap, boxes, 3, 1 / 16, 2)
+    theirs = roi_align(fmap, boxes, 3, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(ours, theirs)
+    upstream = torch.randn_like(theirs)
+    ours_grad, = torch.autograd.grad(ours, fmap, upstream)
+    theirs_grad, = torch.autograd.grad(theirs, fmap, upstream)
+    torch.testing.assert_close(ours_grad, theirs_grad)
+    assert gathered_roi_align(fmap.detach().bfloat16(), boxes, 3, 1 / 16, 2).dtype == torch.bfloat16
 
 
 def test_a_context_region_pools_the_box_and_a_box_around_it_enlarged_by_the_factor():
