@@ -1,6 +1,6 @@
 """Milliseconds per training step on whatever device this machine has: the project's trainer (Fast and Faster
 R-CNN) and torchvision's stock Faster R-CNN on the same images and batches, reading the batches alone, and each
-switch of the data path, layout and precision on and off.
+switch of the data path, layout, precision and RoI pooling on and off.
 
     python bench/steps.py [VOC_DIR --classes C [C ...] --weights W] [--images 16] [--steps 10] [--warmup 3]
                           [--set KEY=VALUE ...] [--out bench/steps]
@@ -38,7 +38,7 @@ from rcnn import presets
 
 from rcnn.data import download
 
-from rcnn.modeling import two_stage
+from rcnn.modeling import roi_heads, two_stage
 
 from rcnn.engine import two_stage_trainer
 
@@ -105,6 +105,9 @@ def switched(name: str, device: torch.device) -> Iterator[None]:
             cast = (lambda _: torch.autocast(device.type, dtype=torch.bfloat16)) if fp32 else \
                 (lambda _: contextlib.nullcontext())
             stack.enter_context(mock.patch.object(two_stage_trainer, "inference_autocast", cast))
+        elif name == "roi_pooling":
+            flipped = not roi_heads.use_gathered_pooling(device)
+            stack.enter_context(mock.patch.object(roi_heads, "use_gathered_pooling", lambda _: flipped))
         elif name == "cudnn_benchmark":
             stack.enter_context(mock.patch.object(torch.backends.cudnn, "benchmark", True))
         yield
@@ -116,6 +119,8 @@ def switch_label(name: str, device: torch.device) -> str:
         return "channels-last " + ("off" if use_channels_last(device) else "on")
     if name == "precision":
         return "bfloat16 autocast" if inference_dtype(device) == torch.float32 else "float32 (no autocast)"
+    if name == "roi_pooling":
+        return "torchvision's RoIAlign" if roi_heads.use_gathered_pooling(device) else "gathered RoIAlign"
     if name == "batch_shapes":
         return "free batches" if grouped_batches("auto", device) else "grouped batches"
     return {"workers": "2 loader workers", "cudnn_benchmark": "cudnn.benchmark on", "default": "default"}[name]
@@ -208,7 +213,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parse_args(argv)
     commit = git_commit()
     device = select_device("auto")
-    switches = ["default", "workers", "channels_last", "precision", "batch_shapes"] + (
+    switches = ["default", "workers", "channels_last", "precision", "batch_shapes", "roi_pooling"] + (
         ["cudnn_benchmark"] if device.type == "cuda" else [])
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rcnn-steps-") as tmp:

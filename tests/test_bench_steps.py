@@ -28,7 +28,8 @@ def test_steps_bench_times_each_switch_and_the_stock_peer_on_the_same_batches(tm
     cpu = torch.device("cpu")  # each switch flipped from the code's choice on this CPU
     switches = ("default", "2 loader workers", "channels-last " + ("off" if use_channels_last(cpu) else "on"),
                 "float32 (no autocast)" if inference_dtype(cpu) == torch.bfloat16 else "bfloat16 autocast",
-                "grouped batches")  # free on a CPU
+                "grouped batches",  # free on a CPU
+                "torchvision's RoIAlign")  # gathered on a CPU
     expected = ["reading batches, 0 workers", "reading batches, 2 workers",
                 *(f"{family}, {s}" for family in ("fast_rcnn", "faster_rcnn") for s in switches),
                 "stock torchvision Faster R-CNN"]

@@ -25,6 +25,12 @@ def _bilinear_corners(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, to
     return low, high, 1 - upper_weight, upper_weight, inside
 
 
+def use_gathered_pooling(device: torch.device) -> bool:
+    """Whether RoIs are pooled by :func:`gathered_roi_align` on ``device`` rather than torchvision's kernel: on a
+    CPU, whose torchvision backward is a serial loop; GPUs keep torchvision's parallel kernels."""
+    return device.type == "cpu"
+
+
 def gathered_roi_align(features: torch.Tensor, boxes: list[torch.Tensor], output_size: int, spatial_scale: float,
                        sampling_ratio: int) -> torch.Tensor:
     """``torchvision.ops.roi_align(..., aligned=True)`` with a fixed ``sampling_ratio``, as one weighted gather
@@ -63,7 +69,7 @@ class RoIAlignPool(nn.Module):
     The interface of ``MultiScaleRoIAlign`` (what ``RoIHeads`` calls), but with
     ``aligned=True``: torchvision's multi-scale pooler samples half a pixel off (``aligned=False``,
     kept there for old checkpoints), which at stride 32 is a 16-pixel shift in the image. On a CPU the pooling is
-    :func:`gathered_roi_align`; elsewhere torchvision's kernels (parallel on a GPU). The context region
+    :func:`gathered_roi_align` (:func:`use_gathered_pooling`); elsewhere torchvision's kernel. The context region
     (Gidaris & Komodakis' multi-region features, 2015) lets the head see what surrounds a box, which helped
     most where classes have few boxes (docs/few-photos.md). The enlarged box is not clipped: RoIAlign
     samples zeros beyond the map.
@@ -89,7 +95,7 @@ class RoIAlignPool(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
         def pool(boxes: list[torch.Tensor]) -> torch.Tensor:
-            if features["0"].device.type == "cpu":
+            if use_gathered_pooling(features["0"].device):
                 return gathered_roi_align(features["0"], boxes, self.output_size, self.spatial_scale,
                                           self.sampling_ratio)
             return roi_align(features["0"], boxes, self.output_size, spatial_scale=self.spatial_scale,
