@@ -3,6 +3,7 @@ detection; a corrupt file among them is skipped and counted, never a traceback."
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from rcnn.data import voc
-from rcnn.detect_cli import evaluated_search_settings, main
+from rcnn.detect_cli import evaluated_search_settings, fill_search_settings, main
+from rcnn.utils.errors import RcnnError
 
 CLASSES = ["car", "dog", "person"]
 
@@ -72,7 +74,8 @@ def test_a_glob_pattern_and_an_unreadable_video_are_handled(checkpoint, syntheti
 def test_bad_every_reference_pixels_and_a_json_folder_are_one_line_errors(checkpoint, synthetic_voc, tmp_path, capsys):
     image = str(voc.image_path(synthetic_voc, voc.read_split(synthetic_voc, "val")[0]))
     for extra, message in ((["--every", "0"], "--every 0 is invalid"), (["--json", str(tmp_path)], "is a folder"),
-                           (["--reference-pixels", "-1"], "--reference-pixels -1 is invalid")):
+                           (["--reference-pixels", "-1"], "--reference-pixels -1 is invalid"),
+                           (["--max-proposals", "0"], "--max-proposals 0 is invalid: at least 1")):
         with pytest.raises(SystemExit) as err:
             main([image, "--checkpoint", str(checkpoint), *extra])
         text = capsys.readouterr().err
@@ -110,3 +113,18 @@ def test_selective_search_runs_as_the_checkpoints_evaluation_did_unless_a_flag_s
     # searches as rcnn-detect always did (fast, 500, 0, 300)
     assert evaluated_search_settings({"proposals": {"max_side": None}}) == {"max_side": None}
     assert evaluated_search_settings({}) == {}
+
+
+def test_a_checkpoint_with_search_settings_selective_search_cannot_use_asks_for_the_flag():
+    def flags(**given):
+        return argparse.Namespace(**{"mode": None, "max_side": None, "reference_pixels": None, "max_proposals": None,
+                                     **given})
+
+    meta = {"params": {"proposals": {"eval_mode": "exhaustive", "max_side": 8}}}
+    with pytest.raises(RcnnError, match=r"searched with mode 'exhaustive', which is invalid .*: give --mode$"):
+        fill_search_settings(flags(), meta)
+    with pytest.raises(RcnnError, match=r"max-side 8, .*at least 32 pixels\): give --max-side$"):
+        fill_search_settings(flags(mode="fast"), meta)
+    given = flags(mode="fast", max_side=500)
+    fill_search_settings(given, meta)  # the flags replace what the checkpoint says
+    assert (given.mode, given.max_side, given.reference_pixels, given.max_proposals) == ("fast", 500, 0, 300)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import os
 import sys
 import warnings
@@ -63,20 +64,35 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _is_count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# What selective search can run with, for a flag and for a value saved in a checkpoint alike.
+SEARCH_RULES = {
+    "mode": (lambda v: v in ("fast", "quality"), "fast or quality"),
+    "max_side": (lambda v: v is None or _is_count(v, 32), "selective search needs at least 32 pixels"),
+    "reference_pixels": (lambda v: _is_count(v, 0), "0 (off) or a pixel count"),
+    "max_proposals": (lambda v: _is_count(v, 1), "at least 1"),
+}
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or (args.max_proposals or 1) < 1 or args.max_detections < 1:
-        raise RcnnError("--score must be in [0, 1), --nms in (0, 1], --max-proposals and --max-detections >= 1")
-    if args.max_side is not None and args.max_side < 32:
-        raise RcnnError(f"--max-side {args.max_side} is invalid: selective search needs at least 32 pixels")
-    if args.reference_pixels is not None and args.reference_pixels < 0:
-        raise RcnnError(f"--reference-pixels {args.reference_pixels} is invalid: 0 (off) or a pixel count")
+    if not 0 <= args.score < 1 or not 0 < args.nms <= 1 or args.max_detections < 1:
+        raise RcnnError("--score must be in [0, 1), --nms in (0, 1], --max-detections >= 1")
+    for flag, (valid, expected) in SEARCH_RULES.items():
+        value = getattr(args, flag)
+        if value is not None and not valid(value):
+            raise RcnnError(f"--{flag.replace('_', '-')} {value} is invalid: {expected}")
     if args.every < 1:
         raise RcnnError(f"--every {args.every} is invalid: score every N-th frame with N >= 1")
     if args.json is not None and args.json.is_dir():
         raise RcnnError(f"--json {args.json} is a folder: name the file to write, e.g. {args.json / 'detections.json'}")
 
 
-SEARCH_DEFAULTS = {"mode": "fast", "max_side": 500, "reference_pixels": 0, "max_proposals": 300}
+# For a checkpoint that does not say how its evaluation searched: detect_image's own defaults.
+SEARCH_DEFAULTS = {flag: parameter.default for flag, parameter in inspect.signature(detect_image).parameters.items()
+                   if flag in ("mode", "max_side", "reference_pixels", "max_proposals")}
 
 
 def evaluated_search_settings(params: dict) -> dict:
@@ -98,7 +114,13 @@ def fill_search_settings(args: argparse.Namespace, meta: dict) -> None:
     saved = evaluated_search_settings(meta.get("params") or {})
     for flag, default in SEARCH_DEFAULTS.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, saved.get(flag, default))
+            value = saved.get(flag, default)
+            valid, expected = SEARCH_RULES[flag]
+            if not valid(value):
+                option = flag.replace("_", "-")
+                raise RcnnError(f"the checkpoint says its evaluation searched with {option} {value!r}, which is "
+                                f"invalid ({expected}): give --{option}")
+            setattr(args, flag, value)
 
 
 def _writable_place(flag: str, path: Path) -> None:
