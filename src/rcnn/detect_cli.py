@@ -92,7 +92,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 # For a checkpoint that does not say how its evaluation searched: detect_image's own defaults.
 SEARCH_DEFAULTS = {flag: parameter.default for flag, parameter in inspect.signature(detect_image).parameters.items()
-                   if flag in ("mode", "max_side", "reference_pixels", "max_proposals")}
+                   if flag in SEARCH_RULES}
 
 
 def evaluated_search_settings(params: dict) -> dict:
